@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny configs (B=2, d=16, H=2, b=4) used across the tests."""
+
+import pytest
+
+from ttt_jax import ModelConfig, TTTConfig
+
+# Shapes used throughout the tests (STYLE.md): L=13 covers L % b != 0.
+BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
+
+
+@pytest.fixture
+def tiny_ttt_config():
+    return TTTConfig(model_dim=DIM, num_heads=HEADS, mini_batch_size=MINI_BATCH)
+
+
+@pytest.fixture
+def tiny_model_config(tiny_ttt_config):
+    return ModelConfig(vocab_size=32, num_layers=2, intermediate_size=32, ttt=tiny_ttt_config)

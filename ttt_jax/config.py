@@ -1,0 +1,283 @@
+"""Configuration: frozen dataclasses validated at construction, loaded from and saved to YAML.
+
+Every section is a frozen dataclass whose ``__post_init__`` raises ``ValueError`` naming the
+field, the bad value and what is allowed. ``from_dict`` builds a dataclass from a plain mapping,
+rejecting unknown keys and wrong types with the dotted path of the offending key, so a YAML file
+round-trips exactly: ``from_dict(cls, to_dict(cfg)) == cfg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
+
+import yaml
+
+TTTLayerType = Literal["linear", "mlp"]
+RopeLayout = Literal["interleaved", "half"]
+DType = Literal["float32", "bfloat16"]
+
+# The width of TTT-MLP's hidden layer, in multiples of the head dim (DESIGN §1.5).
+MLP_EXPANSION = 4
+
+
+def _fail(section: str, field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{section}.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _check_choice(section: str, field: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(section, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_positive(section: str, field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        _fail(section, field, value, "a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """The TTT layer (DESIGN §1).
+
+    Attributes:
+      model_dim: width ``d`` of the layer's input and output.
+      num_heads: number of heads ``H``; ``head_dim = model_dim // num_heads``.
+      mini_batch_size: ``b``, tokens per inner gradient step (also the RoPE table size).
+      ttt_layer_type: inner model, ``linear`` (TTT-Linear) or ``mlp`` (TTT-MLP, hidden 4f).
+      use_rope: rotate XQ and XK by ``position % mini_batch_size``. Off by default.
+      rope_theta: RoPE base period.
+      rope_layout: ``interleaved`` pairs ``(2k, 2k+1)`` or ``half`` pairs ``(k, k + f/2)``.
+      qk_l2_norm: L2-normalise XQ and XK over the head dim before RoPE.
+      ttt_base_lr: the inner learning-rate scale.
+      share_qk: one shared Q/K projection followed by two causal depthwise convs.
+      conv_kernel: kernel size of those convs (and of the model's pre-conv).
+      use_gate: multiply the output by ``gelu_tanh(x Wg)`` before ``o_proj``.
+      scan_checkpoint_group: remat every this many mini-batches in training (0: off).
+      initializer_range: std of the normal initialiser of projections and inner weights.
+    """
+
+    model_dim: int
+    num_heads: int
+    mini_batch_size: int = 16
+    ttt_layer_type: TTTLayerType = "linear"
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    rope_layout: RopeLayout = "interleaved"
+    qk_l2_norm: bool = False
+    ttt_base_lr: float = 1.0
+    share_qk: bool = False
+    conv_kernel: int = 4
+    use_gate: bool = False
+    scan_checkpoint_group: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        s = "ttt"
+        for name in ("model_dim", "num_heads", "mini_batch_size", "conv_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(s, name, value, "a positive integer")
+        if self.model_dim % self.num_heads:
+            _fail(s, "num_heads", self.num_heads, f"a divisor of model_dim={self.model_dim}")
+        _check_choice(s, "ttt_layer_type", self.ttt_layer_type, get_args(TTTLayerType))
+        _check_choice(s, "rope_layout", self.rope_layout, get_args(RopeLayout))
+        _check_positive(s, "rope_theta", self.rope_theta)
+        _check_positive(s, "ttt_base_lr", self.ttt_base_lr)
+        _check_positive(s, "initializer_range", self.initializer_range)
+        if self.use_rope and self.head_dim % 2:
+            _fail(s, "num_heads", self.num_heads,
+                  f"a value giving an even head_dim when use_rope=true (head_dim={self.head_dim})")
+        g = self.scan_checkpoint_group
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0 disables remat)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def inner_widths(self) -> tuple[int, ...]:
+        """Widths of the inner model's layers, input first: ``(f, f)`` or ``(f, 4f, f)``."""
+        f = self.head_dim
+        return (f, f) if self.ttt_layer_type == "linear" else (f, MLP_EXPANSION * f, f)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The TTT-LM (DESIGN §2): embed -> blocks -> RMSNorm -> lm_head.
+
+    Attributes:
+      vocab_size: number of token ids.
+      num_layers: number of blocks.
+      intermediate_size: hidden width of the SwiGLU feed-forward.
+      ttt: the TTT layer of every block; ``ttt.model_dim`` is the model width.
+      pre_conv: add ``x += Conv(RMSNorm(x))`` before the TTT sub-block.
+      tie_word_embeddings: the LM head reuses the embedding matrix.
+      rms_norm_eps: epsilon of every RMSNorm.
+      dtype: compute dtype of embeddings and projections (params stay float32; the inner TTT
+        math always runs in float32).
+    """
+
+    vocab_size: int
+    num_layers: int
+    intermediate_size: int
+    ttt: TTTConfig
+    pre_conv: bool = False
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    dtype: DType = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail("model", name, value, "a positive integer")
+        if not isinstance(self.ttt, TTTConfig):
+            _fail("model", "ttt", self.ttt, "a TTTConfig")
+        _check_positive("model", "rms_norm_eps", self.rms_norm_eps)
+        _check_choice("model", "dtype", self.dtype, get_args(DType))
+
+    @property
+    def model_dim(self) -> int:
+        return self.ttt.model_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole YAML file. Sections are added here as the trainer grows."""
+
+    model: ModelConfig
+
+
+T = TypeVar("T")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Checks and converts one YAML value to the annotated type ``tp``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in get_args(tp):
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise ValueError(f"{path}={value!r} is invalid: expected one of {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}={value!r} is invalid: expected a list")
+        (item,) = get_args(tp)[:1]
+        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}={value!r} is invalid: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}={value!r} is invalid: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}={value!r} is invalid: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}={value!r} is invalid: expected a string")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Builds the dataclass ``cls`` from a mapping, rejecting unknown keys and bad types.
+
+    Args:
+      cls: a config dataclass.
+      data: a mapping (for example parsed YAML).
+      path: dotted prefix used in error messages.
+
+    Returns:
+      The validated, frozen config.
+    """
+    where = path or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}: "
+                         f"allowed keys are {', '.join(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in data:
+            no_default = (field.default is dataclasses.MISSING
+                          and field.default_factory is dataclasses.MISSING)
+            if no_default:
+                raise ValueError(f"missing required key {key} in {where}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config dataclass as nested plain dicts (tuples become lists), ready for YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def load_config(path: str | Path, cls: type[T] = RunConfig) -> T:
+    """Reads a YAML file into ``cls``; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+    try:
+        return from_dict(cls, data if data is not None else {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Writes ``cfg`` as YAML; ``load_config`` reads back an equal config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """Applies ``key.sub=value`` overrides (values parsed as YAML) and re-validates.
+
+    Example: ``apply_overrides(cfg, ["model.ttt.use_rope=true", "model.num_layers=2"])``.
+    """
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"override {item!r}: unknown key {key!r}")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ValueError(f"override {item!r}: unknown key {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return from_dict(type(cfg), data)

@@ -1,0 +1,99 @@
+"""Bounded-position rotary embeddings (DESIGN §1.3). Pure functions, no Flax.
+
+The table has exactly ``mini_batch_size`` rows: positions are reduced ``% mini_batch_size``
+before the lookup, so a rotation never extrapolates past what training saw, whatever the stream
+length. Two layouts pair the head dims differently:
+
+* ``interleaved``: ``(x[2k], x[2k+1])`` rotate by ``p * inv_freq[k]`` (ttt-lm-jax's layout).
+* ``half``: ``(x[k], x[k + f/2])`` rotate by ``p * inv_freq[k]`` (HF ``rotate_half``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def inv_frequencies(head_dim: int, theta: float) -> Float[Array, "f2"]:
+    """``inv_freq[k] = 1 / theta ** (2k / f)`` for ``k < f/2``, float32."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    k = jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+    return 1.0 / (theta ** (k / head_dim))
+
+
+def rope_table(num_positions: int, head_dim: int, theta: float):
+    """``(cos, sin)``, each ``[num_positions, f/2]`` float32, for positions ``0..num_positions-1``."""
+    angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inv_frequencies(head_dim, theta)
+    return jnp.cos(angles), jnp.sin(angles)  # [P, f/2] each
+
+
+def bounded_positions(position_ids: Int[Array, "*S"], mini_batch_size: int) -> Int[Array, "*S"]:
+    """``position_ids % mini_batch_size``: the only positions the table ever sees."""
+    return jnp.mod(position_ids, mini_batch_size)
+
+
+def _split_interleaved(x):
+    return x[..., 0::2], x[..., 1::2]
+
+
+def _merge_interleaved(a, b):
+    return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+
+
+def _split_half(x):
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _merge_half(a, b):
+    return jnp.concatenate([a, b], axis=-1)
+
+
+# layout -> (split into the two members of each rotated pair, merge back).
+LAYOUTS: dict[str, tuple[Callable, Callable]] = {
+    "interleaved": (_split_interleaved, _merge_interleaved),
+    "half": (_split_half, _merge_half),
+}
+
+
+def rotate(x: Float[Array, "B H L f"], cos: Float[Array, "B L f2"], sin: Float[Array, "B L f2"],
+           layout: str) -> Float[Array, "B H L f"]:
+    """Rotates each pair ``(a, b)`` of ``x`` to ``(a cos - b sin, a sin + b cos)``.
+
+    Computes in float32 and returns ``x.dtype``.
+
+    Args:
+      x: ``[B, H, L, f]`` queries or keys.
+      cos, sin: ``[B, L, f/2]`` angles per token, float32.
+      layout: a key of ``LAYOUTS``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"rope_layout={layout!r} is invalid: expected one of {', '.join(LAYOUTS)}")
+    split, merge = LAYOUTS[layout]
+    a, b = split(x.astype(jnp.float32))  # [B, H, L, f/2] each
+    c, s = cos[:, None], sin[:, None]  # [B, 1, L, f/2]
+    return merge(a * c - b * s, a * s + b * c).astype(x.dtype)
+
+
+def apply_bounded_rope(xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
+                       position_ids: Int[Array, "B L"], *, mini_batch_size: int, theta: float,
+                       layout: str):
+    """Rotates queries and keys by ``position_ids % mini_batch_size``; values are not touched.
+
+    Args:
+      xq, xk: ``[B, H, L, f]``.
+      position_ids: absolute positions ``[B, L]``.
+      mini_batch_size: ``b``: the table has ``b`` rows.
+      theta: RoPE base.
+      layout: ``interleaved`` or ``half``.
+
+    Returns:
+      ``(xq, xk)`` rotated, in their input dtypes.
+    """
+    cos, sin = rope_table(mini_batch_size, xq.shape[-1], theta)  # [b, f/2]
+    pos = bounded_positions(position_ids, mini_batch_size)  # [B, L]
+    cos, sin = cos[pos], sin[pos]  # [B, L, f/2]
+    return rotate(xq, cos, sin, layout), rotate(xk, cos, sin, layout)

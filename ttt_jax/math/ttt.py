@@ -1,0 +1,191 @@
+"""The TTT inner loop over a sequence: dual form per mini-batch, scanned (DESIGN §1.6-1.7).
+
+Inputs are per head and already projected: ``xq, xk, xv: [B, H, L, f]`` float32 and the
+per-token learning rates ``lr: [B, H, L]``. Every mini-batch of ``b`` tokens starts from the
+state carried by the previous one; every gradient inside it is taken at that state.
+
+Two implementations of the same function:
+
+* ``ttt_dual``: the dual form, a ``lax.scan`` over mini-batches, a few matmuls per step, with an
+  exact shorter final mini-batch when ``L % b != 0`` and optional remat every k mini-batches.
+* ``ttt_primal``: the definition, a ``lax.scan`` over tokens that accumulates per-token
+  gradients taken at the mini-batch's starting state. Slow; a baseline for benchmarks and the
+  basis of streaming decode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ttt_jax.math import inner
+from ttt_jax.math.inner import InnerState, mm
+from ttt_jax.math.layernorm import layer_norm
+
+
+def token_weights(learnable_token_idx: Float[Array, "b"]) -> Float[Array, "b"]:
+    """``tok[i] = max(0, 1/(i+1) + learnable_token_idx[i])`` (DESIGN §1.4)."""
+    b = learnable_token_idx.shape[-1]
+    base = 1.0 / jnp.arange(1, b + 1, dtype=jnp.float32)
+    return jnp.maximum(0.0, base + learnable_token_idx.astype(jnp.float32))
+
+
+def _swap(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
+    """One mini-batch in the dual form.
+
+    Args:
+      state: inner weights at the mini-batch start, ``W: [B, H, f_in, f_out]``, ``b: [B, H, 1, f_out]``.
+      xq, xk, xv: ``[B, H, b, f]``.
+      lr: ``[B, H, b]`` per-token learning rates.
+      m1: ``[B, H, b, b]`` = ``tril(eta * (xq xk^T + 1))``, precomputed outside the scan.
+      tok: ``[b]`` token weights; ``eta[i, j] = tok[i] * lr[j]``.
+      ln_weight, ln_bias: ``[H, 1, f]``.
+
+    Returns:
+      ``(state', z_bar)``: the state after the mini-batch and the pre-LN outputs ``[B, H, b, f]``.
+    """
+    acts, zs = inner.forward(state, xk)
+    gs = inner.grads(state, zs, xv - xk, ln_weight, ln_bias)
+    eta_last = (tok[-1] * lr)[..., None, :]  # [B, H, 1, b]
+    xbar, new_state = xq, []
+    for i, ((w, b), a, g) in enumerate(zip(state, acts, gs)):
+        if i == 0:
+            m = m1
+        else:  # later layers see queries that depend on the state: build the mask here
+            eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
+            m = eta * (mm(xbar, _swap(a)) + 1.0)
+        z_bar = mm(xbar, w) + b - mm(m, g)  # [B, H, b, f_out]
+        if i + 1 < len(state):
+            xbar = inner.gelu_tanh(z_bar)
+        new_state.append((w - mm(_swap(a) * eta_last, g), b - mm(eta_last, g)))
+    return tuple(new_state), z_bar
+
+
+def _scan(step: Callable, carry, xs, group: int):
+    """``lax.scan`` with remat of every ``group`` consecutive steps (0: no remat)."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if group <= 0 or n <= 1:
+        return jax.lax.scan(step, carry, xs)
+    group = min(group, n)
+    g = n // group
+    head = jax.tree.map(lambda x: x[: g * group].reshape((g, group) + x.shape[1:]), xs)
+    body = jax.checkpoint(lambda c, x: jax.lax.scan(step, c, x), prevent_cse=False)
+    carry, ys = jax.lax.scan(body, carry, head)
+    ys = jax.tree.map(lambda y: y.reshape((g * group,) + y.shape[2:]), ys)
+    if n % group:
+        tail = jax.tree.map(lambda x: x[g * group:], xs)
+        carry, ys_tail = jax.lax.scan(step, carry, tail)
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+    return carry, ys
+
+
+def _dual_chunks(state, xq, xk, xv, lr, tok, ln_weight, ln_bias, group):
+    """Scans ``n`` whole mini-batches; inputs ``[B, H, n, b, ...]``, output ``[B, H, n, b, f]``."""
+    eta = tok[:, None] * lr[..., None, :]  # [B, H, n, b, b]
+    m1 = jnp.tril(eta * (mm(xq, _swap(xk)) + 1.0))  # [B, H, n, b, b]
+    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), (xq, xk, xv, lr, m1))  # [n, B, H, ...]
+
+    def step(carry, x):
+        return dual_step(carry, *x, tok, ln_weight, ln_bias)
+
+    state, z_bar = _scan(step, state, xs, group)  # z_bar: [n, B, H, b, f]
+    return state, jnp.moveaxis(z_bar, 0, 2)
+
+
+def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
+             xv: Float[Array, "B H L f"], lr: Float[Array, "B H L"],
+             learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
+             ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
+             initial_state: InnerState | None = None):
+    """TTT over a whole sequence in the dual form.
+
+    Args:
+      params: initial inner weights per head, ``W: [H, f_in, f_out]``, ``b: [H, 1, f_out]``.
+      xq, xk, xv: ``[B, H, L, f]`` float32.
+      lr: ``[B, H, L]`` per-token learning rates ``ttt_base_lr * sigmoid(.) / f``.
+      learnable_token_idx: ``[b]``; its length is the mini-batch size.
+      ln_weight, ln_bias: ``[H, f]`` the inner LayerNorm.
+      checkpoint_group: remat every this many mini-batches (0: off).
+      initial_state: ``[B, H, ...]`` weights to start from instead of tiling ``params``.
+
+    Returns:
+      ``(out, state)``: ``out = xq + LN(z_bar)`` of shape ``[B, H, L, f]`` and the inner state
+      after the last (possibly partial) mini-batch.
+    """
+    bsz, heads, length, f = xq.shape
+    b = learnable_token_idx.shape[-1]
+    tok = token_weights(learnable_token_idx)
+    lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, f]
+    state = initial_state if initial_state is not None else inner.init_state(params, bsz)
+    n, r = divmod(length, b)
+    outs = []
+    if n:
+        cut = n * b
+        full = [x[:, :, :cut].reshape(bsz, heads, n, b, *x.shape[3:]) for x in (xq, xk, xv, lr)]
+        state, z_bar = _dual_chunks(state, *full, tok, lnw, lnb, checkpoint_group)
+        outs.append(z_bar.reshape(bsz, heads, cut, f))  # [B, H, n*b, f]
+    if r:  # the final partial mini-batch is a shorter mini-batch, no padding (DESIGN §1.7)
+        part = [x[:, :, n * b:, None] for x in (xq, xk, xv, lr)]  # [B, H, r, 1, ...]
+        part = [jnp.swapaxes(x, 2, 3) for x in part]  # [B, H, 1, r, ...]
+        state, z_bar = _dual_chunks(state, *part, tok[:r], lnw, lnb, 0)
+        outs.append(z_bar.reshape(bsz, heads, r, f))
+    z_bar = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return xq + layer_norm(z_bar, lnw, lnb), state
+
+
+def primal_token_step(carry, x, tok, ln_weight, ln_bias):
+    """One token of the primal form; the carry holds the mini-batch's start state.
+
+    Args:
+      carry: ``(state0, acc, idx)``: weights at the mini-batch start ``[B, H, ...]``, the
+        ``lr``-weighted sum of this mini-batch's gradients so far (same shapes) and the token's
+        index inside its mini-batch (an int32 scalar).
+      x: ``(xq, xk, xv, lr)`` of one token: ``[B, H, f]`` and ``[B, H]``.
+      tok: ``[b]`` token weights.
+      ln_weight, ln_bias: ``[H, 1, f]``.
+
+    Returns:
+      ``(carry', z_bar)`` with ``z_bar: [B, H, f]`` the pre-LN output of the token.
+    """
+    state0, acc, idx = carry
+    xq, xk, xv = (v[..., None, :] for v in x[:3])  # [B, H, 1, f]
+    lr = x[3][..., None, None]  # [B, H, 1, 1]
+    acts, zs = inner.forward(state0, xk)
+    gs = inner.grads(state0, zs, xv - xk, ln_weight, ln_bias)
+    acc = tuple((aw + lr * mm(_swap(a), g), ab + lr * g)
+                for (aw, ab), a, g in zip(acc, acts, gs))
+    t = tok[idx]
+    state_i = tuple((w - t * aw, b - t * ab) for (w, b), (aw, ab) in zip(state0, acc))
+    _, zq = inner.forward(state_i, xq)
+    last = idx == tok.shape[0] - 1
+    state0 = jax.tree.map(lambda new, old: jnp.where(last, new, old), state_i, state0)
+    acc = jax.tree.map(lambda a: jnp.where(last, jnp.zeros_like(a), a), acc)
+    return (state0, acc, (idx + 1) % tok.shape[0]), zq[-1][..., 0, :]
+
+
+def ttt_primal(params: InnerState, xq, xk, xv, lr, learnable_token_idx, ln_weight, ln_bias):
+    """TTT over a sequence in the primal form: a ``lax.scan`` over tokens.
+
+    Same arguments and outputs as ``ttt_dual`` (without remat or a start state); the returned
+    state is the start state of the mini-batch that follows the last whole one.
+    """
+    bsz = xq.shape[0]
+    tok = token_weights(learnable_token_idx)
+    lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]
+    state0 = inner.init_state(params, bsz)
+    acc = jax.tree.map(jnp.zeros_like, state0)
+    xs = (*(jnp.moveaxis(v, 2, 0) for v in (xq, xk, xv)), jnp.moveaxis(lr, 2, 0))  # [L, B, H, .]
+
+    def step(carry, x):
+        return primal_token_step(carry, x, tok, lnw, lnb)
+
+    (state0, _, _), z_bar = jax.lax.scan(step, (state0, acc, jnp.int32(0)), xs)
+    z_bar = jnp.moveaxis(z_bar, 0, 2)  # [B, H, L, f]
+    return xq + layer_norm(z_bar, lnw, lnb), state0

@@ -1,0 +1,134 @@
+"""The TTT layer in Linen: parameters and projections; the math lives in ``ttt_jax.math``.
+
+Parameter names and shapes mirror ttt-lm-pytorch's ``TTTLinear``/``TTTMLP`` so that export is a
+mechanical mapping: ``q_proj k_proj v_proj o_proj g_proj`` (Dense kernels ``[in, out]``),
+``conv_q conv_k`` (``kernel [K, d]``, ``bias [d]``), ``learnable_ttt_lr_weight [H, d]``,
+``learnable_ttt_lr_bias [H]``, ``learnable_token_idx [b]``, ``ttt_norm_weight/bias [H, f]``,
+``W1 [H, f, F] b1 [H, 1, F]`` (and ``W2 [H, F, f] b2 [H, 1, f]`` for TTT-MLP), ``post_norm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.config import TTTConfig
+from ttt_jax.math.inner import gelu_tanh
+from ttt_jax.math.rope import apply_bounded_rope
+from ttt_jax.math.ttt import ttt_dual
+from ttt_jax.nn.layers import CausalDepthwiseConv
+from ttt_jax.types import SequenceMetadata
+
+# Smallest norm divided by in the Q/K L2 normalisation (torch.nn.functional.normalize's eps).
+QK_L2_NORM_EPS = 1e-12
+# eps of the output LayerNorm over the model width.
+POST_NORM_EPS = 1e-6
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / max(||x||, eps)`` over the last axis."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, QK_L2_NORM_EPS)
+
+
+class TTTLayer(nn.Module):
+    """A TTT-Linear or TTT-MLP layer (DESIGN §1): ``[B, L, d] -> [B, L, d]``.
+
+    Attributes:
+      config: the layer's ``TTTConfig``.
+      dtype: compute dtype of the projections; the inner loop always runs in float32.
+    """
+
+    config: TTTConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        d, h, f, b = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.mini_batch_size
+        normal = nn.initializers.normal(cfg.initializer_range)
+        dense = lambda name: nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=normal,
+                                      name=name)
+        self.q_proj = dense("q_proj")
+        if cfg.share_qk:
+            self.conv_q = CausalDepthwiseConv(cfg.conv_kernel, self.dtype)
+            self.conv_k = CausalDepthwiseConv(cfg.conv_kernel, self.dtype)
+        else:
+            self.k_proj = dense("k_proj")
+        self.v_proj = dense("v_proj")
+        self.o_proj = dense("o_proj")
+        if cfg.use_gate:
+            self.g_proj = dense("g_proj")
+        self.post_norm = nn.LayerNorm(epsilon=POST_NORM_EPS, use_fast_variance=False,
+                                      dtype=jnp.float32)
+        self.learnable_ttt_lr_weight = self.param("learnable_ttt_lr_weight", normal, (h, d))
+        self.learnable_ttt_lr_bias = self.param("learnable_ttt_lr_bias", nn.initializers.zeros, (h,))
+        self.learnable_token_idx = self.param("learnable_token_idx", nn.initializers.zeros, (b,))
+        self.ttt_norm_weight = self.param("ttt_norm_weight", nn.initializers.ones, (h, f))
+        self.ttt_norm_bias = self.param("ttt_norm_bias", nn.initializers.zeros, (h, f))
+        widths = cfg.inner_widths
+        self.inner_params = tuple(
+            (self.param(f"W{i + 1}", normal, (h, widths[i], widths[i + 1])),
+             self.param(f"b{i + 1}", nn.initializers.zeros, (h, 1, widths[i + 1])))
+            for i in range(len(widths) - 1))
+
+    def _check_input(self, x):
+        d = self.config.model_dim
+        if x.ndim != 3 or x.shape[-1] != d:
+            raise ValueError(f"TTTLayer expects x of shape [B, L, model_dim={d}], got {x.shape}: "
+                             f"the input width does not match TTTConfig.model_dim")
+
+    def _heads(self, x):
+        """``[B, L, d] -> [B, H, L, f]`` in float32."""
+        bsz, length, _ = x.shape
+        x = x.reshape(bsz, length, self.config.num_heads, self.config.head_dim)
+        return jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)  # [B, H, L, f]
+
+    def ttt_inputs(self, x, metadata: Optional[SequenceMetadata] = None):
+        """Projections, L2 norm, RoPE and learning rates: the inputs of the inner loop.
+
+        Returns:
+          ``(xq, xk, xv, lr)``: ``[B, H, L, f]`` float32 each and ``lr: [B, H, L]``.
+        """
+        cfg = self.config
+        self._check_input(x)
+        xq = self.q_proj(x)
+        if cfg.share_qk:  # Mamba-style: the two convs read the shared projection
+            xk = self.conv_k(xq)
+            xq = self.conv_q(xq)
+        else:
+            xk = self.k_proj(x)
+        xq, xk, xv = self._heads(xq), self._heads(xk), self._heads(self.v_proj(x))
+        if cfg.qk_l2_norm:
+            xq, xk = l2_normalize(xq), l2_normalize(xk)
+        if cfg.use_rope:  # a static switch: off means no rotation in the traced program
+            meta = metadata if metadata is not None else SequenceMetadata()
+            pos = meta.positions(x.shape[0], x.shape[1])
+            xq, xk = apply_bounded_rope(xq, xk, pos, mini_batch_size=cfg.mini_batch_size,
+                                        theta=cfg.rope_theta, layout=cfg.rope_layout)
+        logits = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.learnable_ttt_lr_weight)
+        logits = logits + self.learnable_ttt_lr_bias[:, None]  # [B, H, L]
+        lr = cfg.ttt_base_lr * jax.nn.sigmoid(logits) / cfg.head_dim
+        return xq, xk, xv, lr
+
+    def output(self, ttt_out, x):
+        """Merge heads -> post_norm -> optional gate -> o_proj (DESIGN §1.8)."""
+        bsz, _, length, _ = ttt_out.shape
+        out = jnp.transpose(ttt_out, (0, 2, 1, 3)).reshape(bsz, length, self.config.model_dim)
+        out = self.post_norm(out)
+        if self.config.use_gate:
+            out = gelu_tanh(self.g_proj(x).astype(jnp.float32)) * out
+        return self.o_proj(out.astype(self.dtype))
+
+    def __call__(self, x, metadata: Optional[SequenceMetadata] = None):
+        """Args: x ``[B, L, model_dim]``; metadata positions (needed only with RoPE).
+
+        Returns: ``[B, L, model_dim]`` in the compute dtype.
+        """
+        xq, xk, xv, lr = self.ttt_inputs(x, metadata)
+        out, _ = ttt_dual(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
+                          self.ttt_norm_weight, self.ttt_norm_bias,
+                          checkpoint_group=self.config.scan_checkpoint_group)
+        return self.output(out, x)
