@@ -9,6 +9,7 @@ round-trips exactly: ``from_dict(cls, to_dict(cfg)) == cfg``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,13 @@ def _fail(section: str, field: str, value: Any, allowed: str) -> None:
 def _check_choice(section: str, field: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         _fail(section, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_bools(section: str, cfg: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            _fail(section, name, value, "true or false")
 
 
 def _check_positive(section: str, field: str, value: Any) -> None:
@@ -82,6 +90,7 @@ class TTTConfig:
                 _fail(s, name, value, "a positive integer")
         if self.model_dim % self.num_heads:
             _fail(s, "num_heads", self.num_heads, f"a divisor of model_dim={self.model_dim}")
+        _check_bools(s, self, ("use_rope", "qk_l2_norm", "share_qk", "use_gate"))
         _check_choice(s, "ttt_layer_type", self.ttt_layer_type, get_args(TTTLayerType))
         _check_choice(s, "rope_layout", self.rope_layout, get_args(RopeLayout))
         _check_positive(s, "rope_theta", self.rope_theta)
@@ -135,6 +144,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 _fail("model", name, value, "a positive integer")
+        _check_bools("model", self, ("pre_conv", "tie_word_embeddings"))
         if not isinstance(self.ttt, TTTConfig):
             _fail("model", "ttt", self.ttt, "a TTTConfig")
         _check_positive("model", "rms_norm_eps", self.rms_norm_eps)
@@ -153,6 +163,25 @@ class RunConfig:
 
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` (no dot) as a float, as users write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with exponent-only floats (``1e-5``) read as floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -247,7 +276,7 @@ def load_config(path: str | Path, cls: type[T] = RunConfig) -> T:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML: {e}") from e
     try:
@@ -279,5 +308,5 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ValueError(f"override {item!r}: unknown key {key!r}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw)
     return from_dict(type(cfg), data)

@@ -1,0 +1,248 @@
+"""Throughput of one TTT layer: the dual form against the per-token primal baseline.
+
+Measures tokens/s of ``TTTLayer`` (float32) forward and forward+backward
+(``jax.value_and_grad`` of ``mean(y ** 2)`` w.r.t. the params, jitted) for TTT-Linear and
+TTT-MLP, and, in the same run and shapes, of the same layer with the inner loop replaced by
+``ttt_jax.math.ttt.ttt_primal`` (a ``lax.scan`` over tokens, DESIGN §1.7), same params.
+
+Timing: each function is lowered and compiled first (reported as ``compile_s``, excluded from
+the throughput), run ``--warmup`` times, then ``--repeats`` times with ``jax.block_until_ready``;
+``tokens_per_s = B * L / median_s`` and ``us_per_token = 1e6 * median_s / (B * L)`` (flat
+across ``L`` means linear cost in the sequence length).
+
+Output: JSON lines on stdout (and appended to ``--out``): one ``header`` line (versions,
+backend, device, CPU count, date), one ``result`` line per (impl, type, mode, L) and one
+``summary`` line per (type, mode, L) with ``speedup_vs_primal`` = dual tokens/s / primal
+tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``).
+
+Usage (from the repository root)::
+
+  python benchmarks/bench_layer.py                     # d=512 H=8 b=16 B=2, L 512 2048 8192
+  python benchmarks/bench_layer.py --quick             # tiny smoke run, a few seconds
+  python benchmarks/bench_layer.py --types linear --lengths 2048 --out /tmp/bench.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+
+from ttt_jax import SequenceMetadata, TTTConfig, TTTLayer  # noqa: E402
+from ttt_jax.math.ttt import ttt_primal  # noqa: E402
+
+BENCH = "ttt_layer"
+IMPLS = ("dual", "primal")
+MODES = ("fwd", "fwd_bwd")
+TYPES = ("linear", "mlp")
+
+# Full-size defaults (the TTT-LM 125m layer width) and the --quick smoke sizes.
+DEFAULTS = dict(lengths=[512, 2048, 8192], types=list(TYPES), batch=2, dim=512, heads=8,
+                mini_batch=16, repeats=5, warmup=1, baseline_max_len=2048)
+QUICK = dict(lengths=[13], types=list(TYPES), batch=2, dim=32, heads=2, mini_batch=4,
+             repeats=2, warmup=1, baseline_max_len=64)
+
+
+class PrimalTTTLayer(TTTLayer):
+    """``TTTLayer`` with the inner loop in the primal form (the baseline); same params."""
+
+    def __call__(self, x, metadata: Optional[SequenceMetadata] = None):
+        xq, xk, xv, lr = self.ttt_inputs(x, metadata)
+        out, _ = ttt_primal(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
+                            self.ttt_norm_weight, self.ttt_norm_bias)
+        return self.output(out, x)
+
+
+LAYERS = {"dual": TTTLayer, "primal": PrimalTTTLayer}
+
+
+def make_fn(layer: TTTLayer, mode: str) -> Callable:
+    """The function to time: ``(variables, x) -> y`` or ``-> (loss, grads)``."""
+    if mode == "fwd":
+        return lambda variables, x: layer.apply(variables, x)
+
+    def loss(params, x):
+        y = layer.apply({"params": params}, x)
+        return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+    grad_fn = jax.value_and_grad(loss)
+    return lambda variables, x: grad_fn(variables["params"], x)
+
+
+def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int):
+    """Compiles ``fn`` on ``args`` and times it.
+
+    Returns:
+      ``(compile_s, times_s, last_output)``.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    out = None
+    for _ in range(warmup):
+        out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return compile_s, times, out
+
+
+def emit(record: dict, out_path: Optional[str]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def header(args: argparse.Namespace) -> dict:
+    dev = jax.devices()[0]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "bench": BENCH, "kind": "header",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__, "python": platform.python_version(),
+        "backend": jax.default_backend(), "device_kind": dev.device_kind,
+        "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+        "cpu_usable": usable, "machine": platform.machine(), "processor": _cpu_name(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_1m": _loadavg(),
+        "args": vars(args),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_one(impl: str, cfg: TTTConfig, variables: Any, x: jax.Array, mode: str,
+            args: argparse.Namespace):
+    """Times one (impl, mode) on ``x``; returns the result record and the output."""
+    layer = LAYERS[impl](cfg)
+    compile_s, times, out = time_fn(make_fn(layer, mode), (variables, x), args.repeats,
+                                    args.warmup)
+    bsz, length = x.shape[:2]
+    med = statistics.median(times)
+    record = {
+        "bench": BENCH, "kind": "result", "impl": impl, "ttt_layer_type": cfg.ttt_layer_type,
+        "mode": mode, "B": bsz, "L": length, "d": cfg.model_dim, "H": cfg.num_heads,
+        "b": cfg.mini_batch_size, "tokens_per_s": bsz * length / med,
+        "us_per_token": 1e6 * med / (bsz * length), "compile_s": compile_s, "median_s": med,
+        "min_s": min(times), "max_s": max(times), "repeats": len(times),
+        # Other processes on the machine skew CPU timings: keep the load next to the numbers.
+        "loadavg_1m": _loadavg(),
+    }
+    return record, out
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    diffs = jax.tree.map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b)
+    return float(max(jax.tree.leaves(diffs)))
+
+
+def bench_shape(layer_type: str, length: int, args: argparse.Namespace) -> None:
+    """All impls and modes of one (type, L); emits result and summary lines."""
+    cfg = TTTConfig(model_dim=args.dim, num_heads=args.heads, mini_batch_size=args.mini_batch,
+                    ttt_layer_type=layer_type)
+    key_init, key_x = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), length))
+    x = jax.random.normal(key_x, (args.batch, length, args.dim), jnp.float32)
+    # Params do not depend on L: initialise on a short slice, share them between impls.
+    variables = jax.jit(TTTLayer(cfg).init)(key_init, x[:, : args.mini_batch])
+    for mode in args.modes:
+        records, outs = {}, {}
+        for impl in args.impls:
+            if impl == "primal" and length > args.baseline_max_len:
+                continue
+            records[impl], outs[impl] = run_one(impl, cfg, variables, x, mode, args)
+            emit(records[impl], args.out)
+        summary = {"bench": BENCH, "kind": "summary", "ttt_layer_type": layer_type,
+                   "mode": mode, "B": args.batch, "L": length, "d": args.dim, "H": args.heads,
+                   "b": args.mini_batch}
+        for impl in IMPLS:
+            rec = records.get(impl)
+            summary[f"{impl}_tokens_per_s"] = rec["tokens_per_s"] if rec else None
+            summary[f"{impl}_us_per_token"] = rec["us_per_token"] if rec else None
+        both = "dual" in records and "primal" in records
+        summary["speedup_vs_primal"] = (records["dual"]["tokens_per_s"]
+                                        / records["primal"]["tokens_per_s"] if both else None)
+        # The baseline computes the same function: a cheap check that the comparison is fair.
+        summary["max_abs_diff_vs_primal"] = _max_abs_diff(outs["dual"], outs["primal"]) if both else None
+        if "primal" in args.impls and "primal" not in records:
+            summary["primal_skipped"] = f"L={length} > --baseline-max-len={args.baseline_max_len}"
+        emit(summary, args.out)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths L (8192 default max)")
+    p.add_argument("--types", nargs="+", choices=TYPES, help="ttt_layer_type values")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--batch", type=int, help="batch size B (default 2)")
+    p.add_argument("--dim", type=int, help="model width d (default 512)")
+    p.add_argument("--heads", type=int, help="heads H (default 8)")
+    p.add_argument("--mini-batch", type=int, help="TTT mini-batch size b (default 16)")
+    p.add_argument("--repeats", type=int, help="timed runs; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed runs after compiling (default 1)")
+    p.add_argument("--baseline-max-len", type=int,
+                   help="run the primal baseline only for L <= this (default 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="append the JSON lines to this file")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
+    args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("batch", "dim", "heads", "mini_batch", "repeats", "baseline_max_len"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0 or min(args.lengths) <= 0:
+        p.error("--warmup must be >= 0 and every --lengths value positive")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    emit(header(args), args.out)
+    for layer_type in args.types:
+        for length in args.lengths:
+            bench_shape(layer_type, length, args)
+
+
+if __name__ == "__main__":
+    main()
