@@ -15,10 +15,14 @@ backend, device, CPU count, date), one ``result`` line per (impl, type, mode, L)
 ``summary`` line per (type, mode, L) with ``speedup_vs_primal`` = dual tokens/s / primal
 tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``).
 
+The primal baseline is slow and memory-hungry in fwd+bwd (its scan keeps per-token residuals of
+the inner state: TTT-MLP at L=2048 takes about a minute per run and ~10 GB on a 2-core CPU),
+hence ``--baseline-max-len`` (default 2048). The full default run takes ~20 min on 2 cores.
+
 Usage (from the repository root)::
 
   python benchmarks/bench_layer.py                     # d=512 H=8 b=16 B=2, L 512 2048 8192
-  python benchmarks/bench_layer.py --quick             # tiny smoke run, a few seconds
+  python benchmarks/bench_layer.py --quick             # tiny smoke run (~1 min, mostly compiling)
   python benchmarks/bench_layer.py --types linear --lengths 2048 --out /tmp/bench.jsonl
 """
 
@@ -51,7 +55,7 @@ IMPLS = ("dual", "primal")
 MODES = ("fwd", "fwd_bwd")
 TYPES = ("linear", "mlp")
 
-# Full-size defaults (the TTT-LM 125m layer width) and the --quick smoke sizes.
+# Full-size defaults (d=512, H=8, b=16, B=2) and the --quick smoke sizes (L=13: L % b != 0).
 DEFAULTS = dict(lengths=[512, 2048, 8192], types=list(TYPES), batch=2, dim=512, heads=8,
                 mini_batch=16, repeats=5, warmup=1, baseline_max_len=2048)
 QUICK = dict(lengths=[13], types=list(TYPES), batch=2, dim=32, heads=2, mini_batch=4,
@@ -200,7 +204,8 @@ def bench_shape(layer_type: str, length: int, args: argparse.Namespace) -> None:
         summary["speedup_vs_primal"] = (records["dual"]["tokens_per_s"]
                                         / records["primal"]["tokens_per_s"] if both else None)
         # The baseline computes the same function: a cheap check that the comparison is fair.
-        summary["max_abs_diff_vs_primal"] = _max_abs_diff(outs["dual"], outs["primal"]) if both else None
+        summary["max_abs_diff_vs_primal"] = (_max_abs_diff(outs["dual"], outs["primal"])
+                                             if both else None)
         if "primal" in args.impls and "primal" not in records:
             summary["primal_skipped"] = f"L={length} > --baseline-max-len={args.baseline_max_len}"
         emit(summary, args.out)

@@ -63,7 +63,9 @@ class TTTConfig:
       share_qk: one shared Q/K projection followed by two causal depthwise convs.
       conv_kernel: kernel size of those convs (and of the model's pre-conv).
       use_gate: multiply the output by ``gelu_tanh(x Wg)`` before ``o_proj``.
-      scan_checkpoint_group: remat every this many mini-batches in training (0: off).
+      scan_checkpoint_group: in the backward pass keep the inner state only every this many
+        mini-batches and recompute the rest (0 or 1: keep it at every mini-batch). Each
+        mini-batch step is always recomputed rather than stored.
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 
@@ -101,7 +103,7 @@ class TTTConfig:
                   f"a value giving an even head_dim when use_rope=true (head_dim={self.head_dim})")
         g = self.scan_checkpoint_group
         if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0 disables remat)")
+            _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0: keep every state)")
 
     @property
     def head_dim(self) -> int:

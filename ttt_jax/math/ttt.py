@@ -7,7 +7,8 @@ state carried by the previous one; every gradient inside it is taken at that sta
 Two implementations of the same function:
 
 * ``ttt_dual``: the dual form, a ``lax.scan`` over mini-batches, a few matmuls per step, with an
-  exact shorter final mini-batch when ``L % b != 0`` and optional remat every k mini-batches.
+  exact shorter final mini-batch when ``L % b != 0``; each step is rematerialised in the
+  backward pass, and optionally only every k-th carried state is kept.
 * ``ttt_primal``: the definition, a ``lax.scan`` over tokens that accumulates per-token
   gradients taken at the mini-batch's starting state. Slow; a baseline for benchmarks and the
   basis of streaming decode.
@@ -69,9 +70,16 @@ def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
 
 
 def _scan(step: Callable, carry, xs, group: int):
-    """``lax.scan`` with remat of every ``group`` consecutive steps (0: no remat)."""
+    """``lax.scan`` whose steps are rematerialised in the backward pass.
+
+    Each step is wrapped in ``jax.checkpoint``: only its inputs and carried state are saved, and
+    its internals are recomputed (cheaper on CPU than storing them, and far less memory). With
+    ``group > 0`` only every ``group``-th carried state is saved as well, and each group of
+    steps is recomputed from it.
+    """
+    step = jax.checkpoint(step, prevent_cse=False)
     n = jax.tree.leaves(xs)[0].shape[0]
-    if group <= 0 or n <= 1:
+    if group <= 1 or n <= 1:
         return jax.lax.scan(step, carry, xs)
     group = min(group, n)
     g = n // group
@@ -112,7 +120,8 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
       lr: ``[B, H, L]`` per-token learning rates ``ttt_base_lr * sigmoid(.) / f``.
       learnable_token_idx: ``[b]``; its length is the mini-batch size.
       ln_weight, ln_bias: ``[H, f]`` the inner LayerNorm.
-      checkpoint_group: remat every this many mini-batches (0: off).
+      checkpoint_group: keep the carried state only every this many mini-batches in the
+        backward pass (0 or 1: every mini-batch).
       initial_state: ``[B, H, ...]`` weights to start from instead of tiling ``params``.
 
     Returns:
