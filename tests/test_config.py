@@ -293,9 +293,10 @@ def train_main():
 
 def test_train_main_tiny(train_main, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    assert train_main(["--config", "configs/tiny.yaml"]) == 0
+    assert train_main(["--config", "configs/tiny.yaml", "--check"]) == 0
     assert "parameters" in capsys.readouterr().out
-    assert train_main(["--config", "configs/tiny.yaml", "--set", "model.ttt.use_rope=true"]) == 0
+    assert train_main(["--config", "configs/tiny.yaml", "--check",
+                       "--set", "model.ttt.use_rope=true"]) == 0
 
 
 def test_train_main_missing_file(train_main, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
+from typing import Any, Literal, Mapping, Optional, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -157,11 +157,137 @@ class ModelConfig:
         return self.ttt.model_dim
 
 
+DataSource = Literal["bytes", "recall", "tokens"]
+TokenDType = Literal["uint16", "uint32"]
+
+
+def _check_positive_ints(section: str, cfg: Any, names: tuple[str, ...], minimum: int = 1):
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            _fail(section, name, value, f"an integer >= {minimum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping (all from optax).
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_steps: linear warmup from 0 to the peak.
+      min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
+      weight_decay: decoupled weight decay, applied to matrices only (not norms, biases, or
+        the per-head TTT vectors).
+      b1, b2, eps: Adam moments.
+      grad_clip: global-norm clipping threshold (0 disables clipping).
+    """
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check_positive("optim", "learning_rate", self.learning_rate)
+        _check_positive_ints("optim", self, ("warmup_steps",), minimum=0)
+        for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                _fail("optim", name, value, f"a number in [{lo}, {hi}]")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                _fail("optim", name, value, "a number >= 0")
+        _check_positive("optim", "eps", self.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: a built-in source (no download) or a user token file.
+
+    Attributes:
+      source: ``bytes`` (the Python standard library's source as bytes), ``recall`` (synthetic
+        associative recall) or ``tokens`` (a user ``.npy``/raw token file at ``path``).
+      path: the token file for ``source: tokens``.
+      token_dtype: dtype of a raw token file (``uint16`` or ``uint32``); a ``.npy`` file names
+        its own dtype.
+      seq_len: tokens per training sequence.
+      batch_size: sequences per optimizer step (split into ``train.grad_accum`` micro-batches).
+      val_fraction: share of a token file kept for validation.
+      recall_num_pairs: key-value pairs per sequence of the recall task.
+      recall_vocab: token ids used by the recall task (keys and values; at most the model's
+        vocab_size).
+    """
+
+    source: DataSource = "bytes"
+    path: Optional[str] = None
+    token_dtype: Optional[TokenDType] = None
+    seq_len: int = 128
+    batch_size: int = 16
+    val_fraction: float = 0.01
+    recall_num_pairs: int = 8
+    recall_vocab: int = 64
+
+    def __post_init__(self):
+        _check_choice("data", "source", self.source, get_args(DataSource))
+        if self.token_dtype is not None:
+            _check_choice("data", "token_dtype", self.token_dtype, get_args(TokenDType))
+        _check_positive_ints("data", self, ("seq_len", "batch_size", "recall_num_pairs",
+                                            "recall_vocab"))
+        if self.source == "tokens" and not self.path:
+            _fail("data", "path", self.path, "the path of a .npy or .bin token file when source=tokens")
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            _fail("data", "val_fraction", v, "a number in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+      steps: optimizer steps.
+      seed: seeds parameter init and the data order.
+      grad_accum: micro-batches per step (a ``lax.scan``); must divide ``data.batch_size``.
+      eval_every: validate every this many steps (and at the start and the end).
+      eval_batches: validation batches per evaluation.
+      log_every: write a metrics line every this many steps.
+      run_dir: where metrics, checkpoints and the loss plot go.
+    """
+
+    steps: int = 200
+    seed: int = 0
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    run_dir: str = "runs/default"
+
+    def __post_init__(self):
+        _check_positive_ints("train", self, ("steps", "grad_accum", "eval_every", "eval_batches",
+                                             "log_every"))
+        _check_positive_ints("train", self, ("seed",), minimum=0)
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            _fail("train", "run_dir", self.run_dir, "a non-empty directory path")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole YAML file. Sections are added here as the trainer grows."""
+    """A whole YAML file: the model and how to train it."""
 
     model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum:
+            _fail("train", "grad_accum", self.train.grad_accum,
+                  f"a divisor of data.batch_size={self.data.batch_size}")
 
 
 T = TypeVar("T")

@@ -1,0 +1,102 @@
+"""The training loop behind ``train.py``: data, model, jitted step, evaluation, outputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt_jax import training
+from ttt_jax.config import RunConfig, save_config
+from ttt_jax.data import make_dataset
+from ttt_jax.logging import MetricsWriter, Progress, plot_losses
+from ttt_jax.models.ttt_lm import TTTLM
+
+
+def build_datasets(cfg: RunConfig):
+    """Train and validation datasets for ``cfg.data``; checks their vocab against the model."""
+    d = cfg.data
+    common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=d.path,
+                  vocab_size=cfg.model.vocab_size, recall_num_pairs=d.recall_num_pairs,
+                  recall_vocab=d.recall_vocab)
+    if d.source == "tokens":
+        common.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction)
+    train = make_dataset(d.source, batch_size=d.batch_size, split="train", **common)
+    val = make_dataset(d.source, batch_size=d.batch_size, split="val", **common)
+    if train.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is invalid: data source "
+                         f"{d.source!r} needs at least {train.vocab_size}")
+    return train, val
+
+
+def _micro_batches(ds, step: int, accum: int):
+    """``([k, m, L+1] tokens, [k, m, L] mask or None)`` of one optimizer step."""
+    tokens = ds.batch(step)
+    mask = ds.loss_mask(step)
+    k = accum
+    tokens = tokens.reshape(k, tokens.shape[0] // k, tokens.shape[1])
+    if mask is not None:
+        mask = mask.reshape(k, mask.shape[0] // k, mask.shape[1]).astype(np.float32)
+    return tokens, mask
+
+
+def evaluate(eval_step, params, ds, batches: int) -> float:
+    """Mean validation loss per counted token over ``batches`` batches."""
+    total, count = 0.0, 0.0
+    for i in range(batches):
+        s, n = eval_step(params, ds.batch(i), ds.loss_mask(i))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
+    """Trains ``cfg`` and returns a summary (start/end validation loss, run dir).
+
+    Writes ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` under ``cfg.train.run_dir``.
+    """
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    train_ds, val_ds = build_datasets(cfg)
+    model = TTTLM(cfg.model)
+    optimizer = training.make_optimizer(cfg.optim, t.steps)
+    key = jax.random.PRNGKey(t.seed)
+    state = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))(key)
+    train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = jax.jit(training.make_eval_step(model))
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print_fn(f"model: {n_params:,} params; data: {train_ds.describe()}; run dir: {run_dir}")
+
+    start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
+    metrics.write({"kind": "eval", "step": 0, "val_loss": start_loss})
+    print_fn(f"start validation loss {start_loss:.4f}")
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    progress = Progress(t.steps, tokens_per_step)
+    val_loss = start_loss
+    for step in range(t.steps):
+        tokens, mask = _micro_batches(train_ds, step, t.grad_accum)
+        state, m = train_step(state, tokens, mask)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {done}")
+            metrics.write({"kind": "train", "step": done, "loss": loss,
+                           "grad_norm": float(m["grad_norm"]),
+                           "tokens_per_s": progress.tokens_per_s(done)})
+            progress.update(done, loss)
+        if done % t.eval_every == 0 or done == t.steps:
+            val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
+            metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
+    progress.close()
+    print_fn(f"end validation loss {val_loss:.4f} (start {start_loss:.4f}, "
+             f"ratio {val_loss / start_loss:.3f})")
+    plot_losses(metrics.read(), run_dir / "loss.png")
+    return {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
+            "state": state}
