@@ -276,6 +276,25 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under ``train.run_dir/checkpoints``.
+
+    Attributes:
+      every: save every this many steps (and at the end, and on SIGINT/SIGTERM).
+      keep: how many recent checkpoints to keep.
+      resume: continue from the latest checkpoint when the run directory has one.
+    """
+
+    every: int = 100
+    keep: int = 3
+    resume: bool = True
+
+    def __post_init__(self):
+        _check_positive_ints("checkpoint", self, ("every", "keep"))
+        _check_bools("checkpoint", self, ("resume",))
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole YAML file: the model and how to train it."""
 
@@ -283,6 +302,7 @@ class RunConfig:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
         if self.data.batch_size % self.train.grad_accum:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import training
-from ttt_jax.config import RunConfig, save_config
+from ttt_jax.checkpoint import Checkpointer
+from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.data import make_dataset
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
 from ttt_jax.models.ttt_lm import TTTLM
@@ -53,6 +55,41 @@ def evaluate(eval_step, params, ds, batches: int) -> float:
     return total / max(count, 1.0)
 
 
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     """Trains ``cfg`` and returns a summary (start/end validation loss, run dir).
 
@@ -72,31 +109,58 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print_fn(f"model: {n_params:,} params; data: {train_ds.describe()}; run dir: {run_dir}")
+    ckpt = Checkpointer(run_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    restored = ckpt.restore_latest(state, log=print_fn) if cfg.checkpoint.resume else None
+    if restored is not None:
+        state, meta = restored
+        for line in _config_differences(meta["config"], to_dict(cfg)):
+            print_fn(f"warning: config differs from the checkpoint's: {line}")
+        print_fn(f"resumed from step {int(state.step)} (data position {meta['data_position']})")
 
     start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
-    metrics.write({"kind": "eval", "step": 0, "val_loss": start_loss})
+    first = int(state.step)
+    metrics.write({"kind": "eval", "step": first, "val_loss": start_loss})
     print_fn(f"start validation loss {start_loss:.4f}")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    progress = Progress(t.steps, tokens_per_step)
+    progress = Progress(t.steps, tokens_per_step, start_step=first)
     val_loss = start_loss
-    for step in range(t.steps):
-        tokens, mask = _micro_batches(train_ds, step, t.grad_accum)
-        state, m = train_step(state, tokens, mask)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {done}")
-            metrics.write({"kind": "train", "step": done, "loss": loss,
-                           "grad_norm": float(m["grad_norm"]),
-                           "tokens_per_s": progress.tokens_per_s(done)})
-            progress.update(done, loss)
-        if done % t.eval_every == 0 or done == t.steps:
-            val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
-            metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
+    with _StopRequest() as stop:
+        for step in range(first, t.steps):
+            tokens, mask = _micro_batches(train_ds, step, t.grad_accum)
+            state, m = train_step(state, tokens, mask)
+            done = step + 1
+            ckpt.save(state, cfg)
+            val_loss = _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds,
+                                     val_loss)
+            if stop.signal is not None:
+                ckpt.save(state, cfg, force=True)
+                progress.close()
+                print_fn(f"stopped by signal {stop.signal} at step {done}; checkpoint saved")
+                ckpt.close()
+                return {"start_val_loss": start_loss, "end_val_loss": val_loss,
+                        "run_dir": str(run_dir), "state": state, "stopped": True}
+    ckpt.save(state, cfg, force=True)
+    ckpt.close()
     progress.close()
     print_fn(f"end validation loss {val_loss:.4f} (start {start_loss:.4f}, "
              f"ratio {val_loss / start_loss:.3f})")
     plot_losses(metrics.read(), run_dir / "loss.png")
     return {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
-            "state": state}
+            "state": state, "stopped": False}
+
+
+def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val_loss):
+    """Writes the step's metrics and runs validation when due; returns the latest val loss."""
+    t = cfg.train
+    if done % t.log_every == 0 or done == t.steps:
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {done}")
+        metrics.write({"kind": "train", "step": done, "loss": loss,
+                       "grad_norm": float(m["grad_norm"]),
+                       "tokens_per_s": progress.tokens_per_s(done)})
+        progress.update(done, loss)
+    if done % t.eval_every == 0 or done == t.steps:
+        val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
+        metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
+    return val_loss
