@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo starts fresh each time; `python train.py --config ...` resumes an existing run_dir.
 train: install
+	rm -rf runs/tiny
 	$(PY) train.py --config $(CONFIG)
 
 test: install
