@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.ttt.use_rope=true")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config, print the model size, and exit")
+                        help="validate the config and the data, print the model size, and exit")
     args = parser.parse_args(argv)
 
     from ttt_jax import apply_overrides, load_config
@@ -28,20 +28,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.check:
-        import jax
-        import jax.numpy as jnp
-
-        from ttt_jax import TTTLM
-
-        tokens = jax.ShapeDtypeStruct((1, cfg.model.ttt.mini_batch_size), jnp.int32)
-        shapes = jax.eval_shape(TTTLM(cfg.model).init, jax.random.PRNGKey(0), tokens)
-        print(f"config {args.config}: {sum(x.size for x in jax.tree.leaves(shapes)):,} parameters")
-        return 0
-
-    from ttt_jax.trainer import run
+    from ttt_jax.trainer import build_datasets, count_params, run
 
     try:
+        if args.check:
+            train_ds, _ = build_datasets(cfg)
+            print(f"config {args.config}: {count_params(cfg.model):,} parameters; "
+                  f"data {train_ds.describe()['source']} ok")
+            return 0
         run(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

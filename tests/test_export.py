@@ -98,7 +98,8 @@ def reference_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         keys.update({s + "learnable_ttt_lr_weight": (h, 1, d), s + "learnable_ttt_lr_bias": (h, 1),
                      s + "learnable_token_idx": (b,), s + "ttt_norm_weight": (h, f),
                      s + "ttt_norm_bias": (h, f), s + "post_norm.weight": (d,),
-                     s + "post_norm.bias": (d,), s + "W1": (h, f, hidden), s + "b1": (h, 1, hidden)})
+                     s + "post_norm.bias": (d,), s + "W1": (h, f, hidden),
+                     s + "b1": (h, 1, hidden)})
         if t.ttt_layer_type == "mlp":
             keys.update({s + "W2": (h, hidden, f), s + "b2": (h, 1, f)})
     return keys
@@ -153,7 +154,8 @@ def test_config_json(exported):
     data = json.loads((out / "config.json").read_text())
     assert set(CONFIG_FIELDS) <= set(data)
     assert data["model_type"] == "ttt" and data["architectures"] == ["TTTForCausalLM"]
-    assert (data["hidden_act"], data["pretraining_tp"], data["torch_dtype"]) == ("silu", 1, "float32")
+    assert data["hidden_act"] == "silu" and data["pretraining_tp"] == 1
+    assert data["torch_dtype"] == "float32"
     assert data["use_cache"] is False  # the reference's cache rejects a long first call
     assert data["tie_word_embeddings"] is cfg.tie_word_embeddings
     assert data["ttt_jax"]["model_config"] == to_dict(cfg)
@@ -167,7 +169,8 @@ def test_layout_of_unpermuted_params(tmp_path):
                                             / "model.safetensors"))
     p = variables["params"]
     blk, s = p["layers_1"], "model.layers.1.seq_modeling_block."
-    np.testing.assert_array_equal(state[s + "q_proj.weight"], blk["seq_modeling_block"]["q_proj"]["kernel"].T)
+    np.testing.assert_array_equal(state[s + "q_proj.weight"],
+                                  blk["seq_modeling_block"]["q_proj"]["kernel"].T)
     np.testing.assert_array_equal(state["lm_head.weight"], p["lm_head"]["kernel"].T)
     kernel = np.asarray(blk["seq_modeling_block"]["conv_k"]["kernel"])  # [K, d]
     np.testing.assert_array_equal(state[s + "conv_k.weight"][:, 0, :], kernel.T)
@@ -270,7 +273,8 @@ def test_half_layout_needs_and_gets_the_change_of_basis(tmp_path):
     ours = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(ids)))
     good = TorchTTTLM(save_torch(cfg, variables, tmp_path / "half")).logits(ids).numpy()
     np.testing.assert_allclose(good, ours, rtol=0, atol=PARITY_ATOL)
-    naive_cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, rope_layout="interleaved"))
+    naive_cfg = dataclasses.replace(
+        cfg, ttt=dataclasses.replace(cfg.ttt, rope_layout="interleaved"))
     naive = TorchTTTLM(save_torch(naive_cfg, variables, tmp_path / "naive")).logits(ids).numpy()
     assert np.abs(naive - ours).max() > 1e-2
 

@@ -35,6 +35,13 @@ def build_datasets(cfg: RunConfig):
     return train, val
 
 
+def count_params(model_cfg) -> int:
+    """Parameter count of a TTT-LM, from shapes only (nothing allocated)."""
+    tokens = jax.ShapeDtypeStruct((1, model_cfg.ttt.mini_batch_size), jnp.int32)
+    shapes = jax.eval_shape(TTTLM(model_cfg).init, jax.random.PRNGKey(0), tokens)
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
 def _micro_batches(ds, step: int, accum: int):
     """``([k, m, L+1] tokens, [k, m, L] mask or None)`` of one optimizer step."""
     tokens = ds.batch(step)

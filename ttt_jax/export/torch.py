@@ -63,19 +63,12 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _to_conv(x):
-    return x.T[:, None, :]  # [K, C] -> [C, 1, K]
-
-
-def _from_conv(x):
-    return x[:, 0, :].T  # [C, 1, K] -> [K, C]
-
-
 # layout -> (Flax array to torch array, torch array to Flax array, Flax shape to torch shape).
 LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
     "same": (lambda x: x, lambda x: x, lambda s: tuple(s)),
-    "dense": (lambda x: x.T, lambda x: x.T, lambda s: tuple(s)[::-1]),
-    "conv": (_to_conv, _from_conv, lambda s: (s[1], 1, s[0])),
+    "dense": (lambda x: x.T, lambda x: x.T, lambda s: tuple(s)[::-1]),  # [in, out] <-> [out, in]
+    "conv": (lambda x: x.T[:, None, :], lambda x: x[:, 0, :].T,  # [K, C] <-> [C, 1, K]
+             lambda s: (s[1], 1, s[0])),
     "head_row": (lambda x: x[:, None], lambda x: x[:, 0], lambda s: (s[0], 1) + tuple(s[1:])),
 }
 
@@ -151,7 +144,8 @@ def param_rules(cfg: ModelConfig) -> list[Rule]:
 @functools.lru_cache(maxsize=64)
 def _shapes(cfg: ModelConfig) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     tree = jax.eval_shape(TTTLM(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return tuple((k, tuple(v.shape)) for k, v in flatten_dict(flax.core.unfreeze(tree["params"])).items())
+    flat = flatten_dict(flax.core.unfreeze(tree["params"]))
+    return tuple((k, tuple(v.shape)) for k, v in flat.items())
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -159,7 +153,8 @@ def _expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]
     shapes = dict(_shapes(cfg))
     covered = {r.flax for r in param_rules(cfg)}
     if covered != set(shapes):  # the model's param layout changed: update the table above
-        raise RuntimeError(f"export table out of date: untranslated params {sorted(set(shapes) - covered)}, "
+        raise RuntimeError(f"export table out of date: untranslated params "
+                           f"{sorted(set(shapes) - covered)}, "
                            f"stale rules {sorted(covered - set(shapes))}")
     return shapes
 
@@ -184,8 +179,12 @@ def _take(x: np.ndarray, rule: Rule, perms: dict[str, np.ndarray] | None) -> np.
 
 
 def export_dtype(dtype: Any) -> str:
-    """Normalises an export dtype name (``float32``/``fp32``, ``bfloat16``/``bf16``)."""
-    name = DTYPE_ALIASES.get(str(dtype), str(dtype))
+    """Normalises an export dtype (``float32``/``fp32``, ``bfloat16``/``bf16``, or a dtype)."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported for export: expected one of "
                          f"float32 (fp32), bfloat16 (bf16)")
@@ -200,7 +199,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     if not cfg.ttt.use_rope:
         warnings.warn("ttt.use_rope=false: ttt-lm-pytorch always applies RoPE, so its logits will "
                       "differ from this model's; the export is still written (config.json records "
-                      "use_rope=false and load_torch restores it exactly)", UserWarning, stacklevel=3)
+                      "use_rope=false and load_torch restores it exactly)", UserWarning,
+                      stacklevel=3)
 
 
 def _reference_fields(cfg: ModelConfig) -> dict[str, Any]:
@@ -219,7 +219,7 @@ def _reference_fields(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def reference_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
-    """The full ttt-lm-pytorch ``config.json`` for ``cfg`` (every field), plus a ``ttt_jax`` block."""
+    """The ttt-lm-pytorch ``config.json`` for ``cfg`` (every field) plus a ``ttt_jax`` block."""
     out = {"architectures": ["TTTForCausalLM"], "model_type": "ttt",
            **{**REFERENCE_DEFAULTS, **_reference_fields(cfg)}, "torch_dtype": dtype}
     out["ttt_jax"] = {"format_version": FORMAT_VERSION, "model_config": to_dict(cfg),
@@ -266,18 +266,20 @@ def parse_config(data: Mapping[str, Any]) -> tuple[ModelConfig, bool]:
         if key in data and data[key] != value:
             raise ValueError(f"config.json {key}={data[key]!r} disagrees with its "
                              f"ttt_jax.model_config (which gives {value!r})")
-    return cfg, bool(block["rope_half_to_interleaved"])
+    return cfg, bool(block.get("rope_half_to_interleaved", _permuted(cfg)))
 
 
-def to_state_dict(cfg: ModelConfig, variables: Mapping, dtype: str = "float32") -> dict[str, np.ndarray]:
+def to_state_dict(cfg: ModelConfig, variables: Mapping,
+                  dtype: str = "float32") -> dict[str, np.ndarray]:
     """The reference state dict (numpy arrays in ``dtype``) of ``variables``."""
     params = variables["params"] if "params" in variables else variables
     flat = flatten_dict(flax.core.unfreeze(params))
     shapes = _expected_shapes(cfg)
-    missing, unexpected = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
+    missing = ["/".join(k) for k in sorted(set(shapes) - set(flat))]
+    unexpected = ["/".join(k) for k in sorted(set(flat) - set(shapes))]
     if missing or unexpected:
-        raise ValueError(f"variables do not match the model config: missing "
-                         f"{['/'.join(k) for k in missing]}, unexpected {['/'.join(k) for k in unexpected]}")
+        raise ValueError(f"variables do not match the model config: missing params {missing}, "
+                         f"unexpected params {unexpected}")
     perms = _head_permutations(cfg) if _permuted(cfg) else None
     out = {}
     for rule in param_rules(cfg):
@@ -293,9 +295,9 @@ def to_state_dict(cfg: ModelConfig, variables: Mapping, dtype: str = "float32") 
 def from_state_dict(cfg: ModelConfig, state: Mapping[str, Any], permuted: bool = False) -> dict:
     """Flax ``{"params": ...}`` (float32) from a reference state dict; strict keys and shapes."""
     state = dict(state)
-    tied_head = state.get("lm_head.weight") if cfg.tie_word_embeddings else None
-    if tied_head is not None:  # torch.save of a tied model keeps the (identical) head
-        if not np.array_equal(np.asarray(tied_head), np.asarray(state.get("model.embed_tokens.weight"))):
+    head = state.get("lm_head.weight") if cfg.tie_word_embeddings else None
+    if head is not None:  # torch.save of a tied model keeps the (identical) head
+        if not np.array_equal(np.asarray(head), np.asarray(state.get("model.embed_tokens.weight"))):
             raise ValueError("lm_head.weight differs from model.embed_tokens.weight but the config "
                              "ties them (tie_word_embeddings=true)")
         del state["lm_head.weight"]
@@ -347,9 +349,9 @@ def save_torch(model_config: ModelConfig, variables: Mapping, out_dir: str | os.
     tmp = out / (WEIGHTS_NAME + ".tmp")
     safetensors_numpy.save_file(state, str(tmp), metadata=dict(SAFETENSORS_METADATA))
     os.replace(tmp, out / WEIGHTS_NAME)
-    text = json.dumps(reference_config(model_config, dtype), indent=2) + "\n"
-    (out / (CONFIG_NAME + ".tmp")).write_text(text)
-    os.replace(out / (CONFIG_NAME + ".tmp"), out / CONFIG_NAME)
+    tmp = out / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(reference_config(model_config, dtype), indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_NAME)
     return out
 
 
@@ -357,22 +359,19 @@ def _import(module: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as e:
-        raise ImportError(f"{module} is needed for PyTorch export/import: "
-                          f"pip install 'ttt-jax[torch]' (torch==2.13.0, safetensors==0.8.0)") from e
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    return dict(_import("safetensors.numpy").load_file(str(path)))
+        raise ImportError(f"{module} is needed for PyTorch export/import: pip install "
+                          f"'ttt-jax[torch]' (torch==2.13.0, safetensors==0.8.0)") from e
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A state dict from ``.safetensors``, a safetensors index ``.json`` or a torch ``.bin``."""
     path = Path(path)
+    read = lambda p: _import("safetensors.numpy").load_file(str(p))  # noqa: E731
     if path.name.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return dict(read(path))
     if path.name.endswith(".safetensors.index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {k: v for s in shards for k, v in _read_safetensors(path.parent / s).items()}
+        return {k: v for s in shards for k, v in read(path.parent / s).items()}
     if path.suffix in (".bin", ".pt", ".pth"):
         torch = _import("torch")
         state = torch.load(path, map_location="cpu", weights_only=True)
