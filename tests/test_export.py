@@ -405,8 +405,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_module_entry_point(tmp_path):
+    config_file = write_yaml(tmp_path / "model.yaml", make_config(use_rope=True))
     result = subprocess.run(
         [sys.executable, "-m", "ttt_jax.export", "export", "--checkpoint",
-         str(tmp_path / "absent"), "--config", "configs/tiny.yaml", "--out", str(tmp_path / "o")],
+         str(tmp_path / "absent"), "--config", str(config_file), "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "absent does not exist" in result.stderr, result.stderr

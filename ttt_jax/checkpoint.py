@@ -9,6 +9,7 @@ cannot be read (truncated or corrupted files) is reported and the previous step 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -95,3 +96,88 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@dataclasses.dataclass
+class RestoreReport:
+    """How a saved params tree matched the target model's tree (keys are ``a/b/c`` paths)."""
+
+    loaded: list[str]
+    missing: list[str]  # in the model, not in the checkpoint: kept at their initial values
+    unexpected: list[str]  # in the checkpoint, not in the model: ignored
+    mismatched: list[str]  # in both, different shape or dtype: kept at their initial values
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"restored {len(self.loaded)} arrays"]
+        for name in ("missing", "unexpected", "mismatched"):
+            keys = getattr(self, name)
+            lines.append(f"{name} ({len(keys)}): " + (", ".join(keys) if keys else "none"))
+        return "\n".join(lines)
+
+
+def _flatten(tree) -> dict[str, Any]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+    return flat
+
+
+def merge_params(saved, target, *, strict: bool = False):
+    """Fills ``target``'s tree with every array of ``saved`` that matches by path, shape, dtype.
+
+    Args:
+      saved: a params tree read from a checkpoint (possibly of a different model).
+      target: freshly initialised params of the model to restore into.
+      strict: refuse (``ValueError`` with the report) unless the trees match exactly.
+
+    Returns:
+      ``(params, report)``: ``target``'s structure, saved values where they match.
+    """
+    saved_flat, target_flat = _flatten(saved), _flatten(target)
+    report = RestoreReport([], [], sorted(set(saved_flat) - set(target_flat)), [])
+    merged = {}
+    for key, init in target_flat.items():
+        value = saved_flat.get(key)
+        if value is None:
+            report.missing.append(key)
+            merged[key] = init
+        elif tuple(value.shape) != tuple(init.shape) or value.dtype != init.dtype:
+            report.mismatched.append(f"{key} {value.dtype}{list(value.shape)} vs "
+                                     f"{init.dtype}{list(init.shape)}")
+            merged[key] = init
+        else:
+            report.loaded.append(key)
+            merged[key] = jax.numpy.asarray(value)
+    if strict and not report.exact:
+        raise ValueError(f"strict restore refused: the checkpoint does not match the model\n{report}")
+    leaves = [merged[k] for k in target_flat]
+    return jax.tree.unflatten(jax.tree.structure(target), leaves), report
+
+
+def load_saved(run_dir: str | Path, step: Optional[int] = None) -> tuple[dict, dict]:
+    """Reads a checkpoint's raw state dict and meta without a target (any model's checkpoint).
+
+    Args:
+      run_dir: a run directory (holding ``checkpoints/``) or its ``checkpoints`` directory.
+      step: the step to read; the latest by default.
+    """
+    path = Path(run_dir).resolve()
+    directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no checkpoint steps")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{directory} has no step {step}: it has {steps}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    manager.close()
+    return restored["state"], restored["meta"]

@@ -283,15 +283,22 @@ class CheckpointConfig:
       every: save every this many steps (and at the end, and on SIGINT/SIGTERM).
       keep: how many recent checkpoints to keep.
       resume: continue from the latest checkpoint when the run directory has one.
+      init_from: a run directory (or its ``checkpoints/``) whose latest params start a new run,
+        even of a different model: every array that matches by path, shape and dtype is loaded,
+        the rest keep their initial values (e.g. TTT layers grafted onto a smaller model), and
+        a report of missing / unexpected / mismatched keys is printed.
+      strict: with ``init_from``, refuse unless the trees match exactly.
     """
 
     every: int = 100
     keep: int = 3
     resume: bool = True
+    init_from: Optional[str] = None
+    strict: bool = False
 
     def __post_init__(self):
         _check_positive_ints("checkpoint", self, ("every", "keep"))
-        _check_bools("checkpoint", self, ("resume",))
+        _check_bools("checkpoint", self, ("resume", "strict"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import training
-from ttt_jax.checkpoint import Checkpointer
+from ttt_jax.checkpoint import Checkpointer, load_saved, merge_params
 from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.data import make_dataset
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
@@ -74,6 +74,16 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _init_from(cfg: RunConfig, state, optimizer, print_fn):
+    """Starts from another run's params, loading every matching array (see ``merge_params``)."""
+    saved, meta = load_saved(cfg.checkpoint.init_from)
+    params, report = merge_params(saved["params"], state.params, strict=cfg.checkpoint.strict)
+    print_fn(f"initialised from {cfg.checkpoint.init_from} (step {meta['step']}):\n{report}")
+    for line in _config_differences(meta["config"]["model"], to_dict(cfg.model), "model."):
+        print_fn(f"warning: model config differs from the source's: {line}")
+    return state.replace(params=params, opt_state=optimizer.init(params))
+
+
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
 
@@ -123,6 +133,8 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
         for line in _config_differences(meta["config"], to_dict(cfg)):
             print_fn(f"warning: config differs from the checkpoint's: {line}")
         print_fn(f"resumed from step {int(state.step)} (data position {meta['data_position']})")
+    elif cfg.checkpoint.init_from:
+        state = _init_from(cfg, state, optimizer, print_fn)
 
     start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
     first = int(state.step)
