@@ -411,3 +411,32 @@ def test_cli_module_entry_point(tmp_path):
          str(tmp_path / "absent"), "--config", str(config_file), "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "absent does not exist" in result.stderr, result.stderr
+
+
+def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
+    """``--checkpoint RUN_DIR`` reads the params and the model config stored by training."""
+    import optax
+
+    from ttt_jax import RunConfig
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.config import TrainConfig
+    from ttt_jax.training import TrainState
+
+    cfg = make_config(mlp=True, use_rope=True, rope_layout="half")
+    params = random_variables(cfg)["params"]
+    run = RunConfig(model=cfg, train=TrainConfig(run_dir=str(tmp_path / "run")))
+    state = TrainState(step=jnp.asarray(7, jnp.int32), params=params,
+                       opt_state=optax.sgd(0.1).init(params))
+    ckpt = Checkpointer(tmp_path / "run", every=1, keep=1)
+    assert ckpt.save(state, run)
+    ckpt.close()
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "7"):
+        out = tmp_path / f"export_{source.name}"
+        assert cli(["export", "--checkpoint", str(source), "--out", str(out)]) == 0
+        got_cfg, got = load_torch(out)
+        assert got_cfg == cfg
+        for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cli(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "8"),
+                "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoints/8 does not exist" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``python -m ttt_jax.export``: TTT-LM params to a ttt-lm-pytorch directory and back.
 
-  python -m ttt_jax.export export --params FILE.msgpack --config CONFIG.yaml --out DIR \
+  python -m ttt_jax.export export --checkpoint RUN_DIR[/checkpoints/STEP] --out DIR \
       [--dtype bf16] [--force]
+  python -m ttt_jax.export export --params FILE.msgpack --config CONFIG.yaml --out DIR
   python -m ttt_jax.export import --in DIR --out FILE.msgpack [--config-out FILE.yaml] [--force]
 
 ``--params`` is a ``flax.serialization.msgpack_serialize`` of the variables (or of the params
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 import yaml
 
-from ttt_jax.config import ModelConfig, load_config, to_dict
+from ttt_jax.config import ModelConfig, from_dict, load_config, to_dict
 from ttt_jax.export.torch import export_dtype, load_torch, save_torch
 
 # Exit status of a usage error (argparse's own convention).
@@ -46,17 +47,28 @@ def load_params_file(path: str | Path) -> dict:
     return tree if "params" in tree else {"params": tree}
 
 
-def load_checkpoint_params(path: str | Path) -> dict:
-    """Params of a training checkpoint directory.
+def load_checkpoint_params(path: str | Path) -> tuple[dict, ModelConfig]:
+    """Params and model config of a training checkpoint.
 
-    Orbax training checkpoints are not written by this project yet, so every existing path is
-    reported as unrecognised; wire ``ttt_jax.checkpoint``'s restore in here when it lands.
+    ``path`` is a run directory (its latest step), its ``checkpoints/`` directory, or one step
+    directory ``RUN_DIR/checkpoints/STEP``.
     """
+    from ttt_jax.checkpoint import load_saved
+
     path = Path(path)
     if not path.exists():
         raise CLIError(f"checkpoint {path} does not exist")
-    raise CLIError(f"{path} is not a recognised checkpoint: export reads Flax msgpack params "
-                   f"(--params FILE.msgpack); training checkpoints are not supported yet")
+    step = int(path.name) if path.name.isdigit() and path.parent.name == "checkpoints" else None
+    root = path.parent if step is not None else path
+    if not (root / "checkpoints").is_dir() and root.name != "checkpoints":
+        raise CLIError(f"{path} is not a recognised checkpoint: expected a run directory with "
+                       f"checkpoints/, its checkpoints/ directory, or checkpoints/STEP")
+    try:
+        state, meta = load_saved(root, step)
+    except FileNotFoundError as e:
+        raise CLIError(f"{path} is not a recognised checkpoint: {e}") from e
+    cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
+    return {"params": state["params"]}, cfg
 
 
 def _model_config(path: str) -> ModelConfig:
@@ -68,9 +80,14 @@ def run_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"output directory {out} exists: pass --force to overwrite it")
-    cfg = _model_config(args.config)
-    variables = (load_params_file(args.params) if args.params is not None
-                 else load_checkpoint_params(args.checkpoint))
+    if args.params is not None:
+        if args.config is None:
+            raise CLIError("--config is required with --params (a checkpoint carries its own)")
+        cfg, variables = _model_config(args.config), load_params_file(args.params)
+    else:
+        variables, cfg = load_checkpoint_params(args.checkpoint)
+        if args.config is not None:
+            cfg = _model_config(args.config)
     save_torch(cfg, variables, out, dtype=dtype, force=args.force)
     print(f"wrote {out}/config.json and {out}/model.safetensors ({dtype})")
 
@@ -98,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write config.json + model.safetensors")
     src = exp.add_mutually_exclusive_group(required=True)
     src.add_argument("--params", help="Flax msgpack of the variables")
-    src.add_argument("--checkpoint", help="training checkpoint directory")
-    exp.add_argument("--config", required=True, help="YAML run config (its model: section)")
+    src.add_argument("--checkpoint", help="a training run directory (latest step) or "
+                     "RUN_DIR/checkpoints/STEP")
+    exp.add_argument("--config", help="YAML run config (its model: section); required with "
+                     "--params, optional with --checkpoint (which stores its config)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16/bf16")
     exp.add_argument("--force", action="store_true", help="overwrite an existing output")
