@@ -91,3 +91,68 @@ def test_corrupted_latest_falls_back_to_previous_good_step(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         ckpt.restore_latest(state, log=quiet)
     ckpt.close()
+
+
+def test_failed_save_keeps_previous_checkpoints(tmp_path):
+    cfg = config(tmp_path / "run", steps=4, every=2)
+    state = run(cfg, print_fn=quiet)["state"]
+    ckpt = Checkpointer(tmp_path / "run", every=1, keep=3)
+    assert ckpt.steps() == [2, 4]
+    broken = state.replace(step=state.step + 1,
+                           params={**state.params, "not_an_array": object()})
+    with pytest.raises(Exception):
+        ckpt.save(broken, cfg, force=True)
+    assert ckpt.steps() == [2, 4]
+    restored, meta = ckpt.restore_latest(state, log=quiet)
+    assert meta["step"] == 4
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    ckpt.close()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config(run_dir, steps=100000, every=100000)
+    save_config(cfg, tmp_path / "run.yaml")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config",
+                             str(tmp_path / "run.yaml")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(2.0)  # inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    steps = Checkpointer(run_dir, every=1, keep=3).steps()
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+FIXTURE = REPO / "tests" / "fixtures" / "ckpt_v1"
+
+
+def test_committed_format_v1_checkpoint_keeps_loading():
+    """A checkpoint written by format version 1 (TTT-MLP, RoPE, pre-conv) must keep restoring
+    into the model its stored config describes, with the optimizer state, exactly typed."""
+    from ttt_jax import TTTLM, from_dict
+    from ttt_jax import training
+    from ttt_jax.checkpoint import FORMAT_VERSION, load_saved
+
+    state, meta = load_saved(FIXTURE)
+    assert meta["format_version"] == 1 <= FORMAT_VERSION and meta["step"] == 3
+    cfg = from_dict(RunConfig, meta["config"])
+    model = TTTLM(cfg.model)
+    optimizer = training.make_optimizer(cfg.optim, cfg.train.steps)
+    target = training.init_state(model, optimizer, jax.random.PRNGKey(1), cfg.data.seq_len)
+    ckpt = Checkpointer(FIXTURE, every=1, keep=1)
+    restored, _ = ckpt.restore_latest(target, log=quiet)
+    ckpt.close()
+    assert int(restored.step) == 3
+    assert jax.tree.structure(restored) == jax.tree.structure(target)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state["params"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    logits = model.apply({"params": restored.params}, np.zeros((1, 6), np.int32))
+    assert logits.shape == (1, 6, cfg.model.vocab_size) and np.isfinite(np.asarray(logits)).all()
