@@ -104,3 +104,27 @@ def test_tiny_run_writes_outputs_and_learns(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 15, 30]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     assert out["end_val_loss"] < 0.8 * out["start_val_loss"]
+
+
+def test_trainable_pattern_freezes_everything_else(setup):
+    """``optim.trainable`` updates only matching params (here the TTT layer of the block)."""
+    model, _, state, tokens = setup
+    cfg = OptimConfig(learning_rate=1e-2, warmup_steps=0, trainable="seq_modeling_block")
+    optimizer = training.make_optimizer(cfg, 10)
+    start = training.TrainState(step=state.step, params=state.params,
+                                opt_state=optimizer.init(state.params))
+    new, _ = jax.jit(training.make_train_step(model, optimizer))(start, tokens[None])
+    flat_old = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    flat_new = jax.tree.leaves(new.params)
+    changed = {training.param_path(p): bool(jnp.any(a != b))
+               for (p, a), b in zip(flat_old, flat_new)}
+    trained = [p for p in changed if "seq_modeling_block" in p]
+    frozen = [p for p in changed if "seq_modeling_block" not in p]
+    assert trained and frozen
+    assert not any(changed[p] for p in frozen), [p for p in frozen if changed[p]]
+    assert all(changed[p] for p in trained), [p for p in trained if not changed[p]]
+
+
+def test_bad_trainable_pattern_named():
+    with pytest.raises(ValueError, match="optim.trainable"):
+        OptimConfig(trainable="([")

@@ -180,6 +180,10 @@ class OptimConfig:
         the per-head TTT vectors).
       b1, b2, eps: Adam moments.
       grad_clip: global-norm clipping threshold (0 disables clipping).
+      trainable: a regular expression over parameter paths such as
+        ``layers_0/seq_modeling_block/W1``; when set, only matching params are updated (the rest
+        are frozen through ``optax.multi_transform``), e.g. ``seq_modeling_block`` trains only the
+        TTT layers of a grafted model.
     """
 
     learning_rate: float = 3e-3
@@ -190,9 +194,15 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    trainable: Optional[str] = None
 
     def __post_init__(self):
         _check_positive("optim", "learning_rate", self.learning_rate)
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except (re.error, TypeError) as e:
+                _fail("optim", "trainable", self.trainable, f"a regular expression ({e})")
         _check_positive_ints("optim", self, ("warmup_steps",), minimum=0)
         for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):
             value = getattr(self, name)

@@ -6,6 +6,7 @@ donated). Gradient accumulation is a ``lax.scan`` over micro-batches inside the 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -47,13 +48,31 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
+def param_path(path) -> str:
+    """``layers_0/seq_modeling_block/W1`` for a tree path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_labels(params, pattern: Optional[str]) -> Any:
+    """``"train"`` for leaves whose path matches ``pattern`` (all when None), else ``"freeze"``."""
+    regex = re.compile(pattern) if pattern is not None else None
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if regex is None or regex.search(param_path(p)) else "freeze", params)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW on the warmup+cosine schedule."""
+    """Global-norm clipping then AdamW on the warmup+cosine schedule.
+
+    With ``cfg.trainable`` set, params whose path does not match are frozen (their updates are
+    zero) via ``optax.multi_transform``; clipping sees only the trained params' gradients.
+    """
     adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
                         eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    if cfg.trainable is None:
+        return tx
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                                 lambda params: trainable_labels(params, cfg.trainable))
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array,
