@@ -156,3 +156,17 @@ def test_committed_format_v1_checkpoint_keeps_loading():
         assert np.array_equal(np.asarray(a), np.asarray(b))
     logits = model.apply({"params": restored.params}, np.zeros((1, 6), np.int32))
     assert logits.shape == (1, 6, cfg.model.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_restore_refuses_a_dtype_or_shape_mismatch_by_name(tmp_path):
+    """No silent cast: a bfloat16 model does not load the float32 checkpoint (and vice versa)."""
+    from ttt_jax.checkpoint import CheckpointError
+
+    cfg = config(tmp_path / "run", steps=2, every=2)
+    state = run(cfg, print_fn=quiet)["state"]
+    ckpt = Checkpointer(tmp_path / "run", every=1, keep=3)
+    bf16 = state.replace(params=jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), state.params))
+    with pytest.raises(CheckpointError, match=r"params/embed_tokens/embedding: checkpoint "
+                                              r"float32\[256, 16\] vs model bfloat16\[256, 16\]"):
+        ckpt.restore_latest(bf16, log=quiet)
+    ckpt.close()

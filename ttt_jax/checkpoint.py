@@ -25,7 +25,37 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint in a directory could be restored."""
+    """No checkpoint in a directory could be restored, or it does not fit the model."""
+
+
+def _item_handlers():
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """``path -> (shape, dtype)`` of every array leaf."""
+    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_fits(saved: dict[str, tuple], target: dict[str, tuple], where: str) -> None:
+    """Raises ``CheckpointError`` naming every key whose shape or dtype (or presence) differs.
+
+    Restoring never casts silently: a float32 model does not load a bfloat16 checkpoint.
+    """
+    problems = [f"{k}: checkpoint {saved[k][1]}{list(saved[k][0])} vs model "
+                f"{target[k][1]}{list(target[k][0])}"
+                for k in sorted(set(saved) & set(target)) if saved[k] != target[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in sorted(set(target) - set(saved))]
+    problems += [f"{k}: not in the model" for k in sorted(set(saved) - set(target))]
+    if problems:
+        raise CheckpointError(f"{where} does not fit the model (use checkpoint.init_from for a "
+                              f"different model):\n" + "\n".join(problems[:20])
+                              + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
 class Checkpointer:
@@ -43,7 +73,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+                                             item_handlers=_item_handlers())
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -71,10 +101,21 @@ class Checkpointer:
         steps = self.steps()
         if not steps:
             return None
+        # The abstract target carries the target's shardings: restore places arrays as the model
+        # wants them, never as they were saved.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         errors = []
         for step in reversed(steps):
             try:
+                saved = _shapes(self.manager.item_metadata(step)["state"])
+            except Exception as e:  # noqa: BLE001 -- unreadable metadata: a corrupted step
+                saved = None
+                meta_error = e
+            if saved is not None:
+                check_fits(saved, _shapes(target), f"checkpoint step {step} in {self.directory}")
+            try:
+                if saved is None:
+                    raise meta_error
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 -- any read failure means "try the previous"
@@ -169,7 +210,7 @@ def load_saved(run_dir: str | Path, step: Optional[int] = None) -> tuple[dict, d
     directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+    manager = ocp.CheckpointManager(directory, item_handlers=_item_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(manager.all_steps())
     if not steps:
