@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -19,7 +19,7 @@ from ttt_jax.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfi
 from ttt_jax.trainer import run
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 40
+STEPS = 12
 
 
 def config(run_dir, steps=STEPS, every=1) -> RunConfig:
@@ -37,6 +37,23 @@ def quiet(*args):
     pass
 
 
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """One 6-step run checkpointed at steps 2, 4, 6; tests work on copies of its directory."""
+    root = tmp_path_factory.mktemp("six")
+    cfg = config(root / "run", steps=6, every=2)
+    return cfg, run(cfg, print_fn=quiet)["state"], root / "run"
+
+
+def copy_run(six_steps, tmp_path):
+    import shutil
+
+    cfg, state, src = six_steps
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(dst))), state
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     straight = run(config(tmp_path / "straight"), print_fn=quiet)["state"]
 
@@ -51,7 +68,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     killed_after = None
     while time.time() < deadline and proc.poll() is None:
         steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
-        if steps and max(steps) >= 3:
+        if steps and max(steps) >= 2:
             proc.send_signal(signal.SIGKILL)
             killed_after = max(steps)
             break
@@ -70,9 +87,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_corrupted_latest_falls_back_to_previous_good_step(tmp_path):
-    cfg = config(tmp_path / "run", steps=6, every=2)
-    state = run(cfg, print_fn=quiet)["state"]
+def test_corrupted_latest_falls_back_to_previous_good_step(six_steps, tmp_path):
+    cfg, state = copy_run(six_steps, tmp_path)
     ckpt = Checkpointer(tmp_path / "run", every=2, keep=3)
     assert ckpt.steps() == [2, 4, 6]
     for f in (ckpt.directory / "6").rglob("*"):
@@ -93,18 +109,17 @@ def test_corrupted_latest_falls_back_to_previous_good_step(tmp_path):
     ckpt.close()
 
 
-def test_failed_save_keeps_previous_checkpoints(tmp_path):
-    cfg = config(tmp_path / "run", steps=4, every=2)
-    state = run(cfg, print_fn=quiet)["state"]
+def test_failed_save_keeps_previous_checkpoints(six_steps, tmp_path):
+    cfg, state = copy_run(six_steps, tmp_path)
     ckpt = Checkpointer(tmp_path / "run", every=1, keep=3)
-    assert ckpt.steps() == [2, 4]
+    assert ckpt.steps() == [2, 4, 6]
     broken = state.replace(step=state.step + 1,
                            params={**state.params, "not_an_array": object()})
     with pytest.raises(Exception):
         ckpt.save(broken, cfg, force=True)
-    assert ckpt.steps() == [2, 4]
+    assert ckpt.steps() == [2, 4, 6]
     restored, meta = ckpt.restore_latest(state, log=quiet)
-    assert meta["step"] == 4
+    assert meta["step"] == 6
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     ckpt.close()
@@ -144,7 +159,8 @@ def test_committed_format_v1_checkpoint_keeps_loading():
     cfg = from_dict(RunConfig, meta["config"])
     model = TTTLM(cfg.model)
     optimizer = training.make_optimizer(cfg.optim, cfg.train.steps)
-    target = training.init_state(model, optimizer, jax.random.PRNGKey(1), cfg.data.seq_len)
+    target = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))(
+        jax.random.PRNGKey(1))
     ckpt = Checkpointer(FIXTURE, every=1, keep=1)
     restored, _ = ckpt.restore_latest(target, log=quiet)
     ckpt.close()
@@ -154,17 +170,16 @@ def test_committed_format_v1_checkpoint_keeps_loading():
         assert a.dtype == b.dtype and a.shape == b.shape
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state["params"])):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    logits = model.apply({"params": restored.params}, np.zeros((1, 6), np.int32))
+    logits = jax.jit(model.apply)({"params": restored.params}, np.zeros((1, 6), np.int32))
     assert logits.shape == (1, 6, cfg.model.vocab_size) and np.isfinite(np.asarray(logits)).all()
 
 
-def test_restore_refuses_a_dtype_or_shape_mismatch_by_name(tmp_path):
+def test_restore_refuses_a_dtype_or_shape_mismatch_by_name(six_steps):
     """No silent cast: a bfloat16 model does not load the float32 checkpoint (and vice versa)."""
     from ttt_jax.checkpoint import CheckpointError
 
-    cfg = config(tmp_path / "run", steps=2, every=2)
-    state = run(cfg, print_fn=quiet)["state"]
-    ckpt = Checkpointer(tmp_path / "run", every=1, keep=3)
+    _, state, run_dir = six_steps
+    ckpt = Checkpointer(run_dir, every=1, keep=3)
     bf16 = state.replace(params=jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), state.params))
     with pytest.raises(CheckpointError, match=r"params/embed_tokens/embedding: checkpoint "
                                               r"float32\[256, 16\] vs model bfloat16\[256, 16\]"):

@@ -35,6 +35,10 @@ def init(cfg, seed=0):
     return jax.jit(TTTLM(cfg).init)(jax.random.PRNGKey(seed), TOKENS)["params"]
 
 
+def logits(cfg, params):
+    return jax.jit(TTTLM(cfg).apply)({"params": params}, TOKENS)
+
+
 def save_run(run_dir, cfg: ModelConfig, params):
     run = RunConfig(model=cfg, train=TrainConfig(run_dir=str(run_dir)),
                     checkpoint=CheckpointConfig(every=1))
@@ -75,8 +79,7 @@ def test_rope_scenarios(saved_runs, saved_rope, target_rope):
     diffs = _config_differences(meta["config"], to_dict(new_run))
     if saved_rope == target_rope:
         assert not diffs
-        want = TTTLM(target_cfg).apply({"params": params}, TOKENS)
-        got = TTTLM(target_cfg).apply({"params": restored}, TOKENS)
+        want, got = logits(target_cfg, params), logits(target_cfg, restored)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     else:
         assert diffs == [f"model.ttt.use_rope: {saved_rope!r} -> {target_rope!r}"]
@@ -99,8 +102,7 @@ def test_graft_new_block_reports_exactly_its_keys_and_can_be_a_no_op(tmp_path):
     block = grafted["layers_1"]
     block["seq_modeling_block"]["o_proj"]["kernel"] = jnp.zeros_like(block["seq_modeling_block"]["o_proj"]["kernel"])
     block["mlp"]["down_proj"]["kernel"] = jnp.zeros_like(block["mlp"]["down_proj"]["kernel"])
-    want = TTTLM(source_cfg).apply({"params": source}, TOKENS)
-    got = TTTLM(target_cfg).apply({"params": grafted}, TOKENS)
+    want, got = logits(source_cfg, source), logits(target_cfg, grafted)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     with pytest.raises(ValueError, match=r"strict restore refused(.|\n)*missing \(\d+\): layers_1/"):
         merge_params(state["params"], target, strict=True)
