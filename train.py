@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from ttt_jax.checkpoint import CheckpointError
     from ttt_jax.trainer import build_datasets, count_params, run
 
     try:
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
                   f"data {train_ds.describe()['source']} ok")
             return 0
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

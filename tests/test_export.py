@@ -430,9 +430,11 @@ def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
     ckpt = Checkpointer(tmp_path / "run", every=1, keep=1)
     assert ckpt.save(state, run)
     ckpt.close()
-    for source in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "7"):
-        out = tmp_path / f"export_{source.name}"
-        assert cli(["export", "--checkpoint", str(source), "--out", str(out)]) == 0
+    sources = (tmp_path / "run", tmp_path / "run" / "checkpoints" / "7", tmp_path / "run" / "7")
+    for i, source in enumerate(sources):
+        out = tmp_path / f"export_{i}"
+        command = ["export"] if i == 0 else []  # `export` is the default command
+        assert cli(command + ["--checkpoint", str(source), "--out", str(out)]) == 0
         got_cfg, got = load_torch(out)
         assert got_cfg == cfg
         for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(params)):

@@ -1,7 +1,6 @@
 """``python -m ttt_jax.export``: TTT-LM params to a ttt-lm-pytorch directory and back.
 
-  python -m ttt_jax.export export --checkpoint RUN_DIR[/checkpoints/STEP] --out DIR \
-      [--dtype bf16] [--force]
+  python -m ttt_jax.export [export] --checkpoint RUN_DIR[/STEP] --out DIR [--dtype bf16] [--force]
   python -m ttt_jax.export export --params FILE.msgpack --config CONFIG.yaml --out DIR
   python -m ttt_jax.export import --in DIR --out FILE.msgpack [--config-out FILE.yaml] [--force]
 
@@ -50,16 +49,21 @@ def load_params_file(path: str | Path) -> dict:
 def load_checkpoint_params(path: str | Path) -> tuple[dict, ModelConfig]:
     """Params and model config of a training checkpoint.
 
-    ``path`` is a run directory (its latest step), its ``checkpoints/`` directory, or one step
-    directory ``RUN_DIR/checkpoints/STEP``.
+    ``path`` is a run directory (its latest step), its ``checkpoints/`` directory, one step
+    directory ``RUN_DIR/checkpoints/STEP``, or ``RUN_DIR/STEP``.
     """
     from ttt_jax.checkpoint import load_saved
 
     path = Path(path)
-    if not path.exists():
+    step = None
+    if path.name.isdigit() and not path.exists() and (path.parent / "checkpoints").is_dir():
+        step, root = int(path.name), path.parent  # RUN_DIR/STEP names a step of RUN_DIR
+    elif not path.exists():
         raise CLIError(f"checkpoint {path} does not exist")
-    step = int(path.name) if path.name.isdigit() and path.parent.name == "checkpoints" else None
-    root = path.parent if step is not None else path
+    elif path.name.isdigit() and path.parent.name == "checkpoints":
+        step, root = int(path.name), path.parent
+    else:
+        root = path
     if not (root / "checkpoints").is_dir() and root.name != "checkpoints":
         raise CLIError(f"{path} is not a recognised checkpoint: expected a run directory with "
                        f"checkpoints/, its checkpoints/ directory, or checkpoints/STEP")
@@ -135,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0, or 2 on a user error)."""
+    """Runs the CLI; returns the exit status (0, or 2 on a user error).
+
+    ``export`` is the default command: ``python -m ttt_jax.export --checkpoint RUN_DIR --out DIR``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("export", "import", "-h", "--help"):
+        argv = ["export"] + argv
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
