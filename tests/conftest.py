@@ -1,5 +1,8 @@
 """Shared fixtures: tiny configs (B=2, d=16, H=2, b=4) used across the tests."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from ttt_jax import ModelConfig, TTTConfig
@@ -16,3 +19,13 @@ def tiny_ttt_config():
 @pytest.fixture
 def tiny_model_config(tiny_ttt_config):
     return ModelConfig(vocab_size=32, num_layers=2, intermediate_size=32, ttt=tiny_ttt_config)
+
+
+@pytest.fixture(scope="session")
+def train_main():
+    """``train.py``'s ``main(argv) -> exit code``, loaded from the repository root."""
+    spec = importlib.util.spec_from_file_location("train_entry",
+                                                  Path(__file__).resolve().parents[1] / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -281,14 +280,6 @@ def test_rope_theta_defaults_to_10000():
 
 
 # ---------------------------------------------------------------- train.py
-
-
-@pytest.fixture(scope="module")
-def train_main():
-    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_train_main_tiny(train_main, monkeypatch, capsys):

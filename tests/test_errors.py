@@ -3,7 +3,6 @@ the field or file. The README's "Errors" table lists the same cases."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
-@pytest.fixture(scope="module")
-def main():
-    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+@pytest.fixture
+def main(train_main):
+    return train_main
 
 
 def token_file(tmp_path, name, array):
