@@ -14,6 +14,7 @@ import pytest
 from ttt_jax import TTTLM, ModelConfig, RunConfig, TTTConfig
 from ttt_jax.config import DataConfig, OptimConfig, TrainConfig
 from ttt_jax import training
+from ttt_jax.tree import path_str
 
 SEQ, VOCAB = 12, 32
 
@@ -116,7 +117,7 @@ def test_trainable_pattern_freezes_everything_else(setup):
     new, _ = jax.jit(training.make_train_step(model, optimizer))(start, tokens[None])
     flat_old = jax.tree_util.tree_flatten_with_path(state.params)[0]
     flat_new = jax.tree.leaves(new.params)
-    changed = {training.param_path(p): bool(jnp.any(a != b))
+    changed = {path_str(p): bool(jnp.any(a != b))
                for (p, a), b in zip(flat_old, flat_new)}
     trained = [p for p in changed if "seq_modeling_block" in p]
     frozen = [p for p in changed if "seq_modeling_block" not in p]

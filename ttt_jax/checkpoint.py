@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ttt_jax.config import RunConfig, to_dict
+from ttt_jax.tree import flatten
 
 # Bumped whenever the layout of ``state`` or ``meta`` changes incompatibly.
 FORMAT_VERSION = 1
@@ -32,14 +33,9 @@ def _item_handlers():
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-def _key_name(k) -> str:
-    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-
-
 def _shapes(tree) -> dict[str, tuple]:
     """``path -> (shape, dtype)`` of every array leaf."""
-    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {k: (tuple(leaf.shape), str(leaf.dtype)) for k, leaf in flatten(tree).items()}
 
 
 def check_fits(saved: dict[str, tuple], target: dict[str, tuple], where: str) -> None:
@@ -160,13 +156,6 @@ class RestoreReport:
         return "\n".join(lines)
 
 
-def _flatten(tree) -> dict[str, Any]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return flat
-
-
 def merge_params(saved, target, *, strict: bool = False):
     """Fills ``target``'s tree with every array of ``saved`` that matches by path, shape, dtype.
 
@@ -178,7 +167,7 @@ def merge_params(saved, target, *, strict: bool = False):
     Returns:
       ``(params, report)``: ``target``'s structure, saved values where they match.
     """
-    saved_flat, target_flat = _flatten(saved), _flatten(target)
+    saved_flat, target_flat = flatten(saved), flatten(target)
     report = RestoreReport([], [], sorted(set(saved_flat) - set(target_flat)), [])
     merged = {}
     for key, init in target_flat.items():

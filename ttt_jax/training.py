@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from ttt_jax.config import OptimConfig
+from ttt_jax.tree import path_str
 
 # Parameter leaves that are never weight-decayed: norms, biases and per-head TTT vectors.
 NO_DECAY = ("bias", "scale", "weight", "learnable_token_idx", "learnable_ttt_lr_bias",
@@ -48,16 +49,11 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def param_path(path) -> str:
-    """``layers_0/seq_modeling_block/W1`` for a tree path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trainable_labels(params, pattern: Optional[str]) -> Any:
     """``"train"`` for leaves whose path matches ``pattern`` (all when None), else ``"freeze"``."""
     regex = re.compile(pattern) if pattern is not None else None
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: "train" if regex is None or regex.search(param_path(p)) else "freeze", params)
+        lambda p, _: "train" if regex is None or regex.search(path_str(p)) else "freeze", params)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
