@@ -20,6 +20,7 @@ import yaml
 TTTLayerType = Literal["linear", "mlp"]
 RopeLayout = Literal["interleaved", "half"]
 DType = Literal["float32", "bfloat16"]
+SeqModeling = Literal["ttt", "swa"]
 
 # The width of TTT-MLP's hidden layer, in multiples of the head dim (DESIGN §1.5).
 MLP_EXPANSION = 4
@@ -58,6 +59,9 @@ class TTTConfig:
       use_rope: rotate XQ and XK by ``position % mini_batch_size``. Off by default.
       rope_theta: RoPE base period.
       rope_layout: ``interleaved`` pairs ``(2k, 2k+1)`` or ``half`` pairs ``(k, k + f/2)``.
+      rope_bounded: with ``use_rope``, rotate by ``position % mini_batch_size`` (true, the
+        default) or by the plain absolute position (false: an ablation that lets RoPE
+        extrapolate past the training length; ttt-lm-pytorch always bounds).
       qk_l2_norm: L2-normalise XQ and XK over the head dim before RoPE.
       ttt_base_lr: the inner learning-rate scale.
       share_qk: one shared Q/K projection followed by two causal depthwise convs.
@@ -76,6 +80,7 @@ class TTTConfig:
     use_rope: bool = False
     rope_theta: float = 10000.0
     rope_layout: RopeLayout = "interleaved"
+    rope_bounded: bool = True
     qk_l2_norm: bool = False
     ttt_base_lr: float = 1.0
     share_qk: bool = False
@@ -92,7 +97,7 @@ class TTTConfig:
                 _fail(s, name, value, "a positive integer")
         if self.model_dim % self.num_heads:
             _fail(s, "num_heads", self.num_heads, f"a divisor of model_dim={self.model_dim}")
-        _check_bools(s, self, ("use_rope", "qk_l2_norm", "share_qk", "use_gate"))
+        _check_bools(s, self, ("use_rope", "rope_bounded", "qk_l2_norm", "share_qk", "use_gate"))
         _check_choice(s, "ttt_layer_type", self.ttt_layer_type, get_args(TTTLayerType))
         _check_choice(s, "rope_layout", self.rope_layout, get_args(RopeLayout))
         _check_positive(s, "rope_theta", self.rope_theta)
@@ -130,6 +135,11 @@ class ModelConfig:
       rms_norm_eps: epsilon of every RMSNorm.
       dtype: compute dtype of embeddings and projections (params stay float32; the inner TTT
         math always runs in float32).
+      seq_modeling: the sequence layer of every block: ``ttt`` (the TTT layer) or ``swa``
+        (a causal sliding-window attention baseline with RoPE over absolute positions; it reuses
+        ``ttt.model_dim``, ``ttt.num_heads``, ``ttt.rope_theta`` and ``ttt.rope_layout``).
+      attention_window: with ``seq_modeling: swa``, each token attends to itself and the
+        ``attention_window - 1`` tokens before it.
     """
 
     vocab_size: int
@@ -140,9 +150,11 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
     dtype: DType = "float32"
+    seq_modeling: SeqModeling = "ttt"
+    attention_window: int = 128
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "intermediate_size"):
+        for name in ("vocab_size", "num_layers", "intermediate_size", "attention_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 _fail("model", name, value, "a positive integer")
@@ -151,6 +163,10 @@ class ModelConfig:
             _fail("model", "ttt", self.ttt, "a TTTConfig")
         _check_positive("model", "rms_norm_eps", self.rms_norm_eps)
         _check_choice("model", "dtype", self.dtype, get_args(DType))
+        _check_choice("model", "seq_modeling", self.seq_modeling, get_args(SeqModeling))
+        if self.seq_modeling == "swa" and self.ttt.head_dim % 2:
+            _fail("model", "seq_modeling", self.seq_modeling,
+                  f"'ttt' when ttt.head_dim={self.ttt.head_dim} is odd (attention uses RoPE)")
 
     @property
     def model_dim(self) -> int:

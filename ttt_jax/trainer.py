@@ -16,7 +16,7 @@ from ttt_jax.checkpoint import Checkpointer, load_saved, merge_params
 from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.data import make_dataset
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
-from ttt_jax.models.ttt_lm import TTTLM
+from ttt_jax.models import build_model
 
 
 def build_datasets(cfg: RunConfig):
@@ -36,9 +36,9 @@ def build_datasets(cfg: RunConfig):
 
 
 def count_params(model_cfg) -> int:
-    """Parameter count of a TTT-LM, from shapes only (nothing allocated)."""
+    """Parameter count of the model, from shapes only (nothing allocated)."""
     tokens = jax.ShapeDtypeStruct((1, model_cfg.ttt.mini_batch_size), jnp.int32)
-    shapes = jax.eval_shape(TTTLM(model_cfg).init, jax.random.PRNGKey(0), tokens)
+    shapes = jax.eval_shape(build_model(model_cfg).init, jax.random.PRNGKey(0), tokens)
     return sum(x.size for x in jax.tree.leaves(shapes))
 
 
@@ -117,7 +117,7 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     train_ds, val_ds = build_datasets(cfg)
-    model = TTTLM(cfg.model)
+    model = build_model(cfg.model)
     optimizer = training.make_optimizer(cfg.optim, t.steps)
     key = jax.random.PRNGKey(t.seed)
     state = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))(key)

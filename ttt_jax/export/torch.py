@@ -71,6 +71,13 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.ttt.qk_l2_norm:
         raise ValueError("ttt.qk_l2_norm=true cannot be exported: ttt-lm-pytorch has no Q/K L2 "
                          "normalisation, so no ttt-lm-pytorch model computes this one")
+    if cfg.seq_modeling != "ttt":
+        raise ValueError(f"model.seq_modeling={cfg.seq_modeling!r} cannot be exported: "
+                         f"ttt-lm-pytorch has TTT layers only (expected 'ttt')")
+    if cfg.ttt.use_rope and not cfg.ttt.rope_bounded:
+        raise ValueError("ttt.rope_bounded=false cannot be exported: ttt-lm-pytorch always "
+                         "rotates by position % mini_batch_size, so no ttt-lm-pytorch model "
+                         "computes this one")
     if not cfg.ttt.use_rope:
         warnings.warn("ttt.use_rope=false: ttt-lm-pytorch always applies RoPE, so its logits will "
                       "differ from this model's; the export is still written (config.json records "

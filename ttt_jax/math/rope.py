@@ -6,6 +6,9 @@ length. Two layouts pair the head dims differently:
 
 * ``interleaved``: ``(x[2k], x[2k+1])`` rotate by ``p * inv_freq[k]`` (ttt-lm-jax's layout).
 * ``half``: ``(x[k], x[k + f/2])`` rotate by ``p * inv_freq[k]`` (HF ``rotate_half``).
+
+``bounded=False`` is the ablation: angles are computed for the actual absolute positions (plain
+RoPE, which extrapolates to angles never seen in training on longer streams).
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ def rope_table(num_positions: int, head_dim: int, theta: float):
     """``(cos, sin)``, each ``[num_positions, f/2]`` float32, for positions ``0..num_positions-1``."""
     angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inv_frequencies(head_dim, theta)
     return jnp.cos(angles), jnp.sin(angles)  # [P, f/2] each
+
+
+def position_angles(position_ids: Int[Array, "*S"], head_dim: int, theta: float):
+    """``(cos, sin)``, each ``[*S, f/2]`` float32, of the plain (unbounded) positions given.
+
+    The angle ``p * inv_freq[k]`` is formed in float32 from the integer position, as a table
+    lookup of row ``p`` would be.
+    """
+    angles = position_ids.astype(jnp.float32)[..., None] * inv_frequencies(head_dim, theta)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def bounded_positions(position_ids: Int[Array, "*S"], mini_batch_size: int) -> Int[Array, "*S"]:
@@ -80,8 +93,10 @@ def rotate(x: Float[Array, "B H L f"], cos: Float[Array, "B L f2"], sin: Float[A
 
 def apply_bounded_rope(xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
                        position_ids: Int[Array, "B L"], *, mini_batch_size: int, theta: float,
-                       layout: str):
+                       layout: str, bounded: bool = True):
     """Rotates queries and keys by ``position_ids % mini_batch_size``; values are not touched.
+
+    With ``bounded=False`` they are rotated by ``position_ids`` themselves (plain RoPE).
 
     Args:
       xq, xk: ``[B, H, L, f]``.
@@ -89,10 +104,14 @@ def apply_bounded_rope(xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
       mini_batch_size: ``b``: the table has ``b`` rows.
       theta: RoPE base.
       layout: ``interleaved`` or ``half``.
+      bounded: reduce positions ``% mini_batch_size`` (the default) or use them as they are.
 
     Returns:
       ``(xq, xk)`` rotated, in their input dtypes.
     """
+    if not bounded:
+        cos, sin = position_angles(position_ids, xq.shape[-1], theta)  # [B, L, f/2]
+        return rotate(xq, cos, sin, layout), rotate(xk, cos, sin, layout)
     cos, sin = rope_table(mini_batch_size, xq.shape[-1], theta)  # [b, f/2]
     pos = bounded_positions(position_ids, mini_batch_size)  # [B, L]
     cos, sin = cos[pos], sin[pos]  # [B, L, f/2]
