@@ -103,7 +103,27 @@ class PreConv(nn.Module):
     eps: float = 1e-6
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.norm = RMSNorm(self.eps)
+        self.conv = CausalDepthwiseConv(self.kernel_size, self.dtype)
+
     def __call__(self, x):
-        h = RMSNorm(self.eps, name="norm")(x)
-        return CausalDepthwiseConv(self.kernel_size, self.dtype, name="conv")(h)
+        return self.conv(self.norm(x))
+
+    def stream(self, x, tail, lengths):
+        """``(Conv(RMSNorm(x)) continued from tail, tail')``; see ``last_inputs``."""
+        h = self.norm(x)
+        return self.conv(h, tail), last_inputs(tail, h, lengths)
+
+
+def last_inputs(tail, x, lengths):
+    """A causal conv's state after a chunk: the last ``K-1`` inputs up to each element's length.
+
+    Args:
+      tail: ``[B, K-1, C]`` the inputs preceding the chunk.
+      x: ``[B, n, C]`` the chunk.
+      lengths: ``[B]`` valid inputs per element.
+    """
+    joined = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, K-1+n, C]
+    idx = lengths[:, None] + jnp.arange(tail.shape[1], dtype=jnp.int32)  # [B, K-1]
+    return jnp.take_along_axis(joined, idx[:, :, None], axis=1).astype(tail.dtype)

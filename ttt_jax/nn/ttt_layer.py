@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from ttt_jax.config import TTTConfig
 from ttt_jax.math.inner import gelu_tanh
 from ttt_jax.math.rope import apply_bounded_rope
-from ttt_jax.math.ttt import ttt_dual
-from ttt_jax.nn.layers import CausalDepthwiseConv
+from ttt_jax.math import inner
+from ttt_jax.math.ttt import ttt_dual, ttt_stream, ttt_token
+from ttt_jax.nn.layers import CausalDepthwiseConv, last_inputs
 from ttt_jax.types import SequenceMetadata
 
 # Smallest norm divided by in the Q/K L2 normalisation (torch.nn.functional.normalize's eps).
@@ -86,19 +87,30 @@ class TTTLayer(nn.Module):
         x = x.reshape(bsz, length, self.config.num_heads, self.config.head_dim)
         return jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)  # [B, H, L, f]
 
-    def ttt_inputs(self, x, metadata: Optional[SequenceMetadata] = None):
+    def ttt_inputs(self, x, metadata: Optional[SequenceMetadata] = None, qk_tail=None):
         """Projections, L2 norm, RoPE and learning rates: the inputs of the inner loop.
+
+        Args:
+          x: ``[B, L, model_dim]``.
+          metadata: positions (read only with RoPE).
+          qk_tail: with ``share_qk``, the ``K-1`` shared projections preceding ``x`` (a stream's
+            conv state); zeros if None.
 
         Returns:
           ``(xq, xk, xv, lr)``: ``[B, H, L, f]`` float32 each and ``lr: [B, H, L]``.
         """
+        return self._inputs(x, metadata, qk_tail)[:4]
+
+    def _inputs(self, x, metadata, qk_tail):
+        """``ttt_inputs`` plus the shared Q/K projection (the conv's input) or None."""
         cfg = self.config
         self._check_input(x)
-        xq = self.q_proj(x)
+        xq = shared = self.q_proj(x)
         if cfg.share_qk:  # Mamba-style: the two convs read the shared projection
-            xk = self.conv_k(xq)
-            xq = self.conv_q(xq)
+            xk = self.conv_k(shared, qk_tail)
+            xq = self.conv_q(shared, qk_tail)
         else:
+            shared = None
             xk = self.k_proj(x)
         xq, xk, xv = self._heads(xq), self._heads(xk), self._heads(self.v_proj(x))
         if cfg.qk_l2_norm:
@@ -111,7 +123,7 @@ class TTTLayer(nn.Module):
         logits = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.learnable_ttt_lr_weight)
         logits = logits + self.learnable_ttt_lr_bias[:, None]  # [B, H, L]
         lr = cfg.ttt_base_lr * jax.nn.sigmoid(logits) / cfg.head_dim
-        return xq, xk, xv, lr
+        return xq, xk, xv, lr, shared
 
     def output(self, ttt_out, x):
         """Merge heads -> post_norm -> optional gate -> o_proj (DESIGN §1.8)."""
@@ -132,3 +144,65 @@ class TTTLayer(nn.Module):
                           self.ttt_norm_weight, self.ttt_norm_bias,
                           checkpoint_group=self.config.scan_checkpoint_group)
         return self.output(out, x)
+
+    # --- Streaming ---------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, start_position=0):
+        """The state of ``batch_size`` fresh streams (a pytree whose leaves lead with ``B``).
+
+        Keys: ``state0`` the inner weights at the last mini-batch boundary, ``acc`` the
+        lr-weighted gradients accumulated since, ``phase`` tokens seen since the boundary,
+        ``position`` the absolute position of the next token (what RoPE reads), and with
+        ``share_qk`` ``qk_tail``, the last ``K-1`` shared projections (the convs' state).
+
+        Args:
+          batch_size: number of independent streams.
+          start_position: absolute position of each stream's first token (int or ``[B]``).
+        """
+        cfg = self.config
+        state0 = inner.init_state(self.inner_params, batch_size)
+        cache = {
+            "state0": state0,
+            "acc": jax.tree.map(jnp.zeros_like, state0),
+            "phase": jnp.zeros((batch_size,), jnp.int32),
+            "position": jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (batch_size,)),
+        }
+        if cfg.share_qk:
+            cache["qk_tail"] = jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.model_dim),
+                                         self.dtype)
+        return cache
+
+    def stream(self, x, cache, lengths=None):
+        """Continues each stream of the batch by a chunk of inputs, exactly as one long forward.
+
+        Args:
+          x: ``[B, n, model_dim]``, any ``n >= 1``.
+          cache: from ``init_cache`` or a previous ``stream``.
+          lengths: ``[B]`` number of valid inputs per element (the rest are ignored and leave
+            the state untouched); all ``n`` if None. A single input with ``lengths=None`` takes
+            the per-token primal path, anything else the dual form.
+
+        Returns:
+          ``(y [B, n, model_dim], cache')``; ``y`` is meaningless past an element's length.
+        """
+        cfg = self.config
+        bsz, n, _ = x.shape
+        meta = SequenceMetadata(offset=cache["position"])
+        xq, xk, xv, lr, shared = self._inputs(x, meta, cache.get("qk_tail"))
+        args = (self.learnable_token_idx, self.ttt_norm_weight, self.ttt_norm_bias)
+        if n == 1 and lengths is None:
+            out, (state0, acc, phase) = ttt_token(
+                cache["state0"], cache["acc"], cache["phase"],
+                xq[:, :, 0], xk[:, :, 0], xv[:, :, 0], lr[:, :, 0], *args)
+            out = out[:, :, None]
+            lengths = jnp.ones((bsz,), jnp.int32)
+        else:
+            lengths = (jnp.full((bsz,), n, jnp.int32) if lengths is None
+                       else jnp.asarray(lengths, jnp.int32))
+            out, (state0, acc, phase) = ttt_stream(
+                cache["state0"], cache["acc"], cache["phase"], xq, xk, xv, lr, lengths, *args)
+        new = {"state0": state0, "acc": acc, "phase": phase,
+               "position": cache["position"] + lengths}
+        if cfg.share_qk:
+            new["qk_tail"] = last_inputs(cache["qk_tail"], shared, lengths)
+        return self.output(out, x), new
