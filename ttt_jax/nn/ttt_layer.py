@@ -119,7 +119,8 @@ class TTTLayer(nn.Module):
             meta = metadata if metadata is not None else SequenceMetadata()
             pos = meta.positions(x.shape[0], x.shape[1])
             xq, xk = apply_bounded_rope(xq, xk, pos, mini_batch_size=cfg.mini_batch_size,
-                                        theta=cfg.rope_theta, layout=cfg.rope_layout)
+                                        theta=cfg.rope_theta, layout=cfg.rope_layout,
+                                        bounded=cfg.rope_bounded)
         logits = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.learnable_ttt_lr_weight)
         logits = logits + self.learnable_ttt_lr_bias[:, None]  # [B, H, L]
         lr = cfg.ttt_base_lr * jax.nn.sigmoid(logits) / cfg.head_dim
