@@ -1,0 +1,306 @@
+"""Long-context evaluation: the CLI on a tiny checkpoint, chunked == one-shot scoring, position
+buckets, recall at distance, the TTT inner-loss diagnostics against a naive numpy computation,
+the unbounded-RoPE ablation, the sliding-window attention baseline and the experiment configs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax import ModelConfig, RunConfig, TTTConfig, load_config
+from ttt_jax import eval_context as ec
+from ttt_jax.config import DataConfig, TrainConfig, from_dict, to_dict
+from ttt_jax.diagnostics import inner_losses
+from ttt_jax.math.rope import apply_bounded_rope
+from ttt_jax.math.ttt import ttt_dual
+from ttt_jax.models import build_model
+from ttt_jax.models.attention_lm import AttentionLM, context_needed, sliding_window_attention
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+DIM, HEADS, MINI_BATCH, VOCAB = 16, 2, 4, 256
+
+
+def model_config(**kw):
+    ttt = dict(model_dim=DIM, num_heads=HEADS, mini_batch_size=MINI_BATCH)
+    ttt.update(kw.pop("ttt", {}))
+    return ModelConfig(vocab_size=kw.pop("vocab_size", VOCAB), num_layers=2,
+                       intermediate_size=32, ttt=TTTConfig(**ttt), **kw)
+
+
+def init_params(cfg, length=8, seed=0):
+    tokens = jnp.zeros((1, length), jnp.int32)
+    return jax.jit(build_model(cfg).init)(jax.random.PRNGKey(seed), tokens)["params"]
+
+
+def random_tokens(shape, vocab=VOCAB, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def test_parse_sizes():
+    assert ec.parse_sizes("512,1k,2K,1k", "lengths") == [512, 1024, 2048]
+    assert ec.parse_size("1m") == 1 << 20
+    for bad in ("0", "-3", "1g", "abc", ""):
+        with pytest.raises(ec.EvalError, match="length"):
+            ec.parse_size(bad)
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 100, 128, 1000, 8192])
+def test_buckets_are_monotone_and_cover_every_position(length):
+    buckets = ec.position_buckets(length)
+    assert buckets[0][0] == 0 and buckets[-1][1] == length
+    for (s0, e0), (s1, e1) in zip(buckets, buckets[1:]):
+        assert e0 == s1
+    assert all(s < e for s, e in buckets)
+    # doubling edges: [0, 64), [64, 128), [128, 256), ...
+    assert [s for s, _ in buckets[1:]] == [64 * 2 ** i for i in range(len(buckets) - 1)]
+
+
+def test_default_recall_distances_reach_16x():
+    assert ec.default_recall_distances(256) == [4, 16, 64, 256, 1024, 4096]
+    assert max(ec.default_recall_distances(100)) == 1600
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+@pytest.fixture(scope="module")
+def unbounded_ttt():
+    """A TTT-LM with plain RoPE: chunked scoring is exact only if positions carry over."""
+    cfg = model_config(ttt=dict(use_rope=True, rope_bounded=False, rope_theta=50.0))
+    return cfg, init_params(cfg)
+
+
+def test_chunked_equals_one_shot_ttt(unbounded_ttt):
+    pytest.importorskip("ttt_jax.decode")
+    cfg, params = unbounded_ttt
+    tokens = random_tokens((2, 43))  # chunks of 6 start at every phase of the mini-batch (b=4)
+    full_loss, full_pred = ec.Scorer(cfg, params, chunk=0).score(tokens)
+    loss, pred = ec.Scorer(cfg, params, chunk=6).score(tokens)
+    assert loss.shape == pred.shape == (2, 42)
+    np.testing.assert_allclose(loss, full_loss, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(pred, full_pred)
+
+
+def test_chunked_equals_one_shot_swa():
+    cfg = model_config(seq_modeling="swa", attention_window=5)
+    params = init_params(cfg)
+    tokens = random_tokens((2, 41), seed=1)
+    full_loss, _ = ec.Scorer(cfg, params, chunk=0).score(tokens)
+    loss, _ = ec.Scorer(cfg, params, chunk=7).score(tokens)
+    np.testing.assert_allclose(loss, full_loss, atol=2e-5, rtol=1e-5)
+    assert context_needed(cfg) == 8  # 2 layers x (window - 1): one window is not enough
+
+
+def test_sliding_window_attention_matches_naive():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 2, 23, 8)).astype(np.float32) for _ in range(3))
+    attend = jax.jit(sliding_window_attention, static_argnums=3)
+    for window in (4, 40):  # several blocks; one block
+        out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window)
+        ref = np.zeros_like(q, dtype=np.float64)
+        for i in range(23):
+            js = [j for j in range(23) if 0 <= i - j < window]
+            s = np.einsum("bhf,bhjf->bhj", q[:, :, i], k[:, :, js]) / np.sqrt(8)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            ref[:, :, i] = np.einsum("bhj,bhjf->bhf", p, v[:, :, js])
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ RoPE ablation
+
+
+def test_unbounded_rope_matches_hand_rotation_at_large_positions():
+    """Plain RoPE rotates pair (2k, 2k+1) by p * theta^(-2k/f), p far past any table."""
+    f, theta = 8, 10000.0
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 2, 5, f)).astype(np.float32)
+    pos = np.array([[0, 3, 1000, 4099, 20_000]])
+    xq, _ = apply_bounded_rope(jnp.asarray(x), jnp.asarray(x), jnp.asarray(pos),
+                               mini_batch_size=4, theta=theta, layout="interleaved",
+                               bounded=False)
+    want = np.array(x, np.float64)
+    for t, p in enumerate(pos[0]):
+        for kk in range(f // 2):
+            angle = p * theta ** (-2 * kk / f)
+            a, b = x[..., t, 2 * kk].astype(np.float64), x[..., t, 2 * kk + 1].astype(np.float64)
+            want[..., t, 2 * kk] = a * np.cos(angle) - b * np.sin(angle)
+            want[..., t, 2 * kk + 1] = a * np.sin(angle) + b * np.cos(angle)
+    # float32 angles at p = 20000 carry ~1e-3 rad of rounding, as in every float32 RoPE
+    np.testing.assert_allclose(xq, want, atol=5e-3)
+    bounded, _ = apply_bounded_rope(jnp.asarray(x), jnp.asarray(x), jnp.asarray(pos),
+                                    mini_batch_size=4, theta=theta, layout="interleaved")
+    np.testing.assert_allclose(bounded[:, :, :2], xq[:, :, :2], atol=1e-6)  # p < b: same
+    assert not np.allclose(bounded[:, :, 2:], xq[:, :, 2:], atol=1e-3)
+
+
+def test_rope_bounded_is_a_strict_bool_and_defaults_true():
+    assert TTTConfig(model_dim=DIM, num_heads=HEADS).rope_bounded is True
+    data = {"model": {"vocab_size": 8, "num_layers": 1, "intermediate_size": 8,
+                      "ttt": {"model_dim": DIM, "num_heads": HEADS, "rope_bounded": "no"}}}
+    with pytest.raises(ValueError, match="model.ttt.rope_bounded"):
+        from_dict(RunConfig, data)
+    with pytest.raises(ValueError, match="rope_bounded"):
+        TTTConfig(model_dim=DIM, num_heads=HEADS, rope_bounded=1)
+    with pytest.raises(ValueError, match="seq_modeling"):
+        model_config(seq_modeling="lstm")
+    with pytest.raises(ValueError, match="attention_window"):
+        model_config(attention_window=0)
+
+
+def test_export_refuses_unbounded_rope_and_attention():
+    from ttt_jax.export.torch import check_exportable
+
+    with pytest.raises(ValueError, match="rope_bounded"):
+        check_exportable(model_config(ttt=dict(use_rope=True, rope_bounded=False)))
+    with pytest.raises(ValueError, match="seq_modeling"):
+        check_exportable(model_config(seq_modeling="swa"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_configs_parse_and_round_trip(path):
+    cfg = load_config(path)
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg
+    assert cfg.data.seq_len == 256
+    assert cfg.train.run_dir == f"runs/experiments/{path.stem}"
+    assert isinstance(build_model(cfg.model), AttentionLM) == (cfg.model.seq_modeling == "swa")
+
+
+def test_experiment_set_is_complete():
+    names = {p.stem for p in EXPERIMENTS}
+    for task in ("bytes", "recall"):
+        for v in ("ttt_norope", "ttt_rope_bounded", "ttt_rope_unbounded", "swa"):
+            assert f"{task}_{v}" in names
+
+
+# ------------------------------------------------------------------------------ diagnostics
+
+
+def naive_inner_losses(W, b, xk, xv, lr, token_idx, lnw, lnb):
+    """One head, TTT-Linear, float64 numpy; gradients by central finite differences."""
+
+    def ln(z):
+        mu = z.mean(-1, keepdims=True)
+        var = ((z - mu) ** 2).mean(-1, keepdims=True)
+        return (z - mu) / np.sqrt(var + 1e-6) * lnw + lnb
+
+    def loss(Wb, t):
+        W_, b_ = Wb[:-1], Wb[-1]
+        return 0.5 * np.sum((ln(xk[t] @ W_ + b_) - (xv[t] - xk[t])) ** 2)
+
+    def grad(Wb, t, h=1e-6):
+        g = np.zeros_like(Wb)
+        for idx in np.ndindex(Wb.shape):
+            e = np.zeros_like(Wb)
+            e[idx] = h
+            g[idx] = (loss(Wb + e, t) - loss(Wb - e, t)) / (2 * h)
+        return g
+
+    bsz = len(token_idx)
+    tok = np.maximum(0.0, 1.0 / np.arange(1, bsz + 1) + token_idx)
+    state = np.concatenate([W, b[None]], axis=0)  # [f + 1, f]: the bias as a last row
+    w0 = [loss(state, t) for t in range(len(xk))]
+    before, after = [], []
+    for s in range(0, len(xk), bsz):
+        ts = range(s, min(s + bsz, len(xk)))
+        before += [loss(state, t) for t in ts]
+        last = tok[len(ts) - 1]
+        new = state - sum(last * lr[t] * grad(state, t) for t in ts)
+        after += [loss(new, t) for t in ts]
+        state = new
+    return np.array(w0), np.array(before), np.array(after), state
+
+
+def test_inner_losses_match_naive_numpy():
+    rng = np.random.default_rng(3)
+    f, length, b = 4, 10, MINI_BATCH  # 2 whole mini-batches and a partial one
+    W = rng.normal(size=(1, f, f)) * 0.3
+    bias = rng.normal(size=(1, 1, f)) * 0.1
+    xq, xk, xv = (rng.normal(size=(1, 1, length, f)) for _ in range(3))
+    lr = rng.uniform(0.05, 0.3, size=(1, 1, length))
+    token_idx = rng.normal(size=(b,)) * 0.05
+    lnw, lnb = 1 + 0.1 * rng.normal(size=(1, f)), 0.1 * rng.normal(size=(1, f))
+    as32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    args = [as32(a) for a in (xq, xk, xv, lr, token_idx, lnw, lnb)]
+    params = ((as32(W), as32(bias)),)
+    got, state = jax.jit(inner_losses)(params, *args)
+    w0, before, after, final = naive_inner_losses(W[0], bias[0, 0], xk[0, 0], xv[0, 0],
+                                                  lr[0, 0], token_idx, lnw[0], lnb[0])
+    for key, want in (("w0", w0), ("before", before), ("after", after)):
+        np.testing.assert_allclose(got[key][0, 0], want, rtol=2e-4, atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(state[0][0][0, 0], final[:-1], atol=2e-5)
+    np.testing.assert_allclose(state[0][1][0, 0, 0], final[-1], atol=2e-5)
+    # the final state is the one the layer's dual form carries
+    _, dual_state = jax.jit(ttt_dual)(params, *args)
+    np.testing.assert_allclose(state[0][0], dual_state[0][0], atol=1e-5)
+    np.testing.assert_allclose(got["before"][0, 0, :b], got["w0"][0, 0, :b], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A checkpoint of an untrained tiny byte-level TTT-LM with bounded RoPE (no training)."""
+    from ttt_jax import training
+    from ttt_jax.checkpoint import Checkpointer
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(model=model_config(ttt=dict(use_rope=True)),
+                    data=DataConfig(source="bytes", seq_len=16, batch_size=2),
+                    train=TrainConfig(steps=1, run_dir=str(run_dir)))
+    optimizer = training.make_optimizer(cfg.optim, 1)
+    state = jax.jit(lambda k: training.init_state(build_model(cfg.model), optimizer, k, 16))(
+        jax.random.PRNGKey(0))
+    ckpt = Checkpointer(run_dir, every=1, keep=1)
+    ckpt.save(state, cfg, force=True)
+    ckpt.close()
+    return run_dir
+
+
+def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
+    pytest.importorskip("ttt_jax.decode")
+    out = tmp_path / "eval"
+    # few shapes, few compilations: every forward pass is [2, 32] tokens
+    rc = ec.main(["--checkpoint", str(tiny_run), "--lengths", "32,96", "--chunk", "32",
+                  "--num-sequences", "2", "--ttt-diagnostics", "--diagnostics-length", "24",
+                  "--recall", "--recall-distances", "4,30", "--recall-samples", "2",
+                  "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "eval_context.json").read_text())
+    (m,) = report["models"]
+    assert m["train_seq_len"] == 16 and m["model"]["rope_bounded"] is True
+    assert set(m["lm"]) == {"32", "96"}
+    long = m["lm"]["96"]
+    assert [(b["start"], b["end"]) for b in long["buckets"]] == [(0, 64), (64, 96)]
+    assert long["num_sequences"] == 2
+    assert abs(long["bpb"] - long["loss"] / np.log(2)) < 1e-9
+    # an untrained byte model: about log(256) nats everywhere
+    assert all(abs(b["loss"] - np.log(256)) < 0.5 for b in long["buckets"])
+    assert set(m["recall"]) == {"4", "30"}
+    assert all(0 <= r["accuracy"] <= 1 for r in m["recall"].values())
+    diag = m["ttt_diagnostics"]
+    assert len(diag["layers"]) == 2 and diag["length"] == 24
+    assert diag["bin_start"][0] == 0 and diag["bin_end"][-1] == 24
+    assert all(len(layer[k]) == len(diag["bin_start"]) for layer in diag["layers"]
+               for k in ("w0", "before", "after"))
+    for name in ("loss_by_position.png", "recall.png", f"ttt_diagnostics_{m['label']}.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert ec.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert ec.main(["--checkpoint", str(tmp_path), "--lengths", "1x",
+                    "--out", str(tmp_path)]) == 2
+    assert "1x" in capsys.readouterr().err
