@@ -418,6 +418,64 @@ def plot_diagnostics(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------ tables
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def markdown_report(report: dict) -> str:
+    """The results as Markdown tables (what ``eval_context.md`` holds)."""
+    lines = []
+    models = report["models"]
+    lm = [m for m in models if m.get("lm")]
+    if lm:
+        unit = "bpb" if "bpb" in next(iter(lm[0]["lm"].values())) else "loss"
+        name = "bits per byte" if unit == "bpb" else "loss (nats/token)"
+        lengths = sorted({int(k) for m in lm for k in m["lm"]})
+        lines += [f"Mean held-out {name} over the whole sequence, by context length:", "",
+                  "| model | trained at | " + " | ".join(_fmt_len(n) for n in lengths) + " |",
+                  "|---|---|" + "---|" * len(lengths)]
+        for m in lm:
+            cells = [f"{m['lm'][str(n)][unit]:.3f}" if str(n) in m["lm"] else "" for n in lengths]
+            lines.append(f"| {m['label']} | {m['train_seq_len']} | " + " | ".join(cells) + " |")
+        longest = max(lengths)
+        buckets = [(b["start"], b["end"]) for b in lm[0]["lm"][str(longest)]["buckets"]]
+        lines += ["", f"Held-out {name} by position at length {_fmt_len(longest)}:", "",
+                  "| model | " + " | ".join(f"{_fmt_len(s)}-{_fmt_len(e)}" for s, e in buckets)
+                  + " |", "|---|" + "---|" * len(buckets)]
+        for m in lm:
+            row = m["lm"].get(str(longest))
+            if row:
+                lines.append(f"| {m['label']} | " + " | ".join(f"{b[unit]:.3f}"
+                                                               for b in row["buckets"]) + " |")
+        lines.append("")
+    rec = [m for m in models if m.get("recall")]
+    if rec:
+        dists = sorted({int(k) for m in rec for k in m["recall"]})
+        samples = next(iter(rec[0]["recall"].values()))["samples"]
+        lines += [f"Recall accuracy by key-to-query distance ({samples} sequences each):", "",
+                  "| model | trained at | " + " | ".join(_fmt_len(d) for d in dists) + " |",
+                  "|---|---|" + "---|" * len(dists)]
+        for m in rec:
+            cells = [f"{m['recall'][str(d)]['accuracy']:.2f}" if str(d) in m["recall"] else ""
+                     for d in dists]
+            lines.append(f"| {m['label']} | {m['train_seq_len']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    diag = [m for m in models if m.get("ttt_diagnostics")]
+    if diag:
+        lines += ["TTT inner self-supervised loss, mean over positions (W0 / before / after the "
+                  "mini-batch update):", "", "| model | layer | W0 | before | after |",
+                  "|---|---|---|---|---|"]
+        for m in diag:
+            for i, d in enumerate(m["ttt_diagnostics"]["mean"]):
+                lines.append(f"| {m['label']} | {i} | {d['w0']:.3f} | {d['before']:.3f} | "
+                             f"{d['after']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -533,7 +591,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {"lengths": args.lengths, "num_sequences": args.num_sequences,
               "chunk": args.chunk, "models": results}
     (out / "eval_context.json").write_text(json.dumps(report, indent=1))
-    written = [out / "eval_context.json"]
+    (out / "eval_context.md").write_text(markdown_report(report))
+    written = [out / "eval_context.json", out / "eval_context.md"]
     if any(r.get("lm") for r in results):
         plot_lm(results, out / "loss_by_position.png")
         written.append(out / "loss_by_position.png")
