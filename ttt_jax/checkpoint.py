@@ -207,7 +207,12 @@ def load_saved(run_dir: str | Path, step: Optional[int] = None) -> tuple[dict, d
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{directory} has no step {step}: it has {steps}")
+    # Every array onto this process's first device, whatever mesh it was saved from (a
+    # checkpoint sharded over 8 devices loads on a 1-device machine).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step)["state"])
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     manager.close()
     return restored["state"], restored["meta"]

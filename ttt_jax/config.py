@@ -9,6 +9,7 @@ round-trips exactly: ``from_dict(cls, to_dict(cfg)) == cfg``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -327,6 +328,60 @@ class CheckpointConfig:
         _check_bools("checkpoint", self, ("resume", "strict"))
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh of a sharded run (``jax.sharding.Mesh`` with axes data, fsdp, tensor).
+
+    The batch is split over ``data`` x ``fsdp``; large matrices (and their optimizer moments)
+    are split over ``fsdp``; heads and projection widths over ``tensor``. The product of the
+    three sizes is the number of devices used. One axis may be ``-1``: it takes every device
+    the other two leave (``data: -1`` is plain data parallelism over all devices).
+
+    Attributes:
+      data: data-parallel replicas (params replicated across them).
+      fsdp: devices that split the batch *and* shard params and optimizer state.
+      tensor: devices that split heads and projection widths (same batch rows).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        for name in MESH_AXES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):
+                _fail("mesh", name, value, "a positive integer, or -1 for the remaining devices")
+        free = [name for name in MESH_AXES if getattr(self, name) == -1]
+        if len(free) > 1:
+            _fail("mesh", free[1], -1, f"a positive integer (only one axis may be -1, and "
+                                       f"mesh.{free[0]} already is)")
+
+    @property
+    def fixed_size(self) -> int:
+        """Product of the axis sizes that are not ``-1``."""
+        return math.prod(v for v in (self.data, self.fsdp, self.tensor) if v != -1)
+
+    def resolve(self, device_count: int) -> dict[str, int]:
+        """Axis sizes for ``device_count`` devices: ``{"data": .., "fsdp": .., "tensor": ..}``.
+
+        The product of the sizes must divide ``device_count`` (and equal it when an axis is -1).
+        """
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        fixed = self.fixed_size
+        if device_count % fixed:
+            which = "*".join(f"mesh.{n}={v}" for n, v in sizes.items() if v != -1)
+            raise ValueError(f"{which} is invalid: expected a product ({fixed}) that divides the "
+                             f"device count {device_count}")
+        for name, value in sizes.items():
+            if value == -1:
+                sizes[name] = device_count // fixed
+        return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole YAML file: the model and how to train it."""
@@ -336,11 +391,29 @@ class RunConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: Optional[MeshConfig] = None
 
     def __post_init__(self):
         if self.data.batch_size % self.train.grad_accum:
             _fail("train", "grad_accum", self.train.grad_accum,
                   f"a divisor of data.batch_size={self.data.batch_size}")
+        if self.mesh is not None:
+            if not isinstance(self.mesh, MeshConfig):
+                _fail("run", "mesh", self.mesh, "a MeshConfig or None")
+            check_batch_fits_mesh(self, self.mesh.data, self.mesh.fsdp)
+
+
+def check_batch_fits_mesh(cfg: "RunConfig", data: int, fsdp: int) -> None:
+    """Each micro-batch (``batch_size / grad_accum`` rows) must split evenly over data x fsdp.
+
+    An axis given as -1 is skipped here and checked once the device count is known.
+    """
+    split = math.prod(v for v in (data, fsdp) if v != -1)
+    micro = cfg.data.batch_size // cfg.train.grad_accum
+    if micro % split:
+        _fail("data", "batch_size", cfg.data.batch_size,
+              f"a multiple of mesh.data*mesh.fsdp={split} per micro-batch (batch_size / "
+              f"train.grad_accum = {micro} rows are split over the data and fsdp devices)")
 
 
 T = TypeVar("T")

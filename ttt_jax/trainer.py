@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax import training
+from ttt_jax import distributed, sharding, training
 from ttt_jax.checkpoint import Checkpointer, load_saved, merge_params
 from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.data import make_dataset
@@ -112,18 +113,32 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
 
     Writes ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` under ``cfg.train.run_dir``.
     """
+    distributed.maybe_initialize(log=print_fn)
+    primary = distributed.is_primary()  # process 0 prints and writes the run's files
+    if not primary:
+        print_fn = lambda *args, **kwargs: None  # noqa: E731
     t = cfg.train
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if primary:
+        save_config(cfg, run_dir / "config.yaml")
     train_ds, val_ds = build_datasets(cfg)
     model = build_model(cfg.model)
     optimizer = training.make_optimizer(cfg.optim, t.steps)
     key = jax.random.PRNGKey(t.seed)
-    state = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))(key)
-    train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)
-    eval_step = jax.jit(training.make_eval_step(model))
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    init = lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len)  # noqa: E731
+    # cfg.mesh set: state and batches sharded on a device mesh (ttt_jax.sharding).
+    layout = sharding.Layout.from_config(cfg) if cfg.mesh is not None else None
+    if layout is None:
+        state = jax.jit(init)(key)
+        train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)
+        eval_step = jax.jit(training.make_eval_step(model))
+    else:
+        state = layout.init_state(init, key)
+        train_step = layout.jit_train_step(training.make_train_step(model, optimizer), state)
+        eval_step = layout.jit_eval_step(training.make_eval_step(model), state.params)
+        val_ds = layout.eval_view(val_ds)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl" if primary else os.devnull)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print_fn(f"model: {n_params:,} params; data: {train_ds.describe()}; run dir: {run_dir}")
     ckpt = Checkpointer(run_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
@@ -135,6 +150,7 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
         print_fn(f"resumed from step {int(state.step)} (data position {meta['data_position']})")
     elif cfg.checkpoint.init_from:
         state = _init_from(cfg, state, optimizer, print_fn)
+        state = layout.place_state(state) if layout is not None else state
 
     start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
     first = int(state.step)
@@ -145,7 +161,8 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     val_loss = start_loss
     with _StopRequest() as stop:
         for step in range(first, t.steps):
-            tokens, mask = _micro_batches(train_ds, step, t.grad_accum)
+            tokens, mask = (_micro_batches(train_ds, step, t.grad_accum) if layout is None
+                            else layout.train_batch(train_ds, step, t.grad_accum))
             state, m = train_step(state, tokens, mask)
             done = step + 1
             ckpt.save(state, cfg)
@@ -163,7 +180,8 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     progress.close()
     print_fn(f"end validation loss {val_loss:.4f} (start {start_loss:.4f}, "
              f"ratio {val_loss / start_loss:.3f})")
-    plot_losses(metrics.read(), run_dir / "loss.png")
+    if primary:
+        plot_losses(metrics.read(), run_dir / "loss.png")
     return {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
             "state": state, "stopped": False}
 

@@ -1,0 +1,183 @@
+"""Runs sharded training in a fresh process with fake CPU devices; used by tests/test_sharding.py.
+
+The device count must be fixed before JAX is imported, so the tests start this script as a
+subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in its environment) and
+read the JSON it writes.
+
+  python tests/sharding_worker.py meshes OUT_DIR
+      8 devices, one process. From the same initial state, 5 steps on a single device and on
+      meshes (data=8), (data=2, fsdp=4), (data=2, fsdp=2, tensor=2); every param and optimizer
+      leaf's sharding; a checkpoint saved on (data=2, fsdp=4) after step 3 restored on
+      (data=8) and on one device, then trained on. Writes OUT_DIR/meshes.json and the
+      single-device params after step 3 to OUT_DIR/params_step3.npz.
+
+  python tests/sharding_worker.py train RUN_DIR OUT_JSON
+      ``trainer.run`` of the same config on mesh (data=2, fsdp=4) for 3 steps; started once per
+      process with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, so
+      ``jax.distributed`` joins the processes. Writes which batch rows this process read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STEPS = 5
+SAVE_AT = 3
+# Constant learning rate (no warmup, no decay) so that the first k steps of any run agree
+# whatever its total step count.
+OVERRIDES = [
+    "model.vocab_size=32", "model.num_layers=1", "model.intermediate_size=32",
+    "model.ttt.model_dim=16", "model.ttt.num_heads=2", "model.ttt.mini_batch_size=4",
+    "data.source=recall", "data.recall_vocab=32", "data.recall_num_pairs=2",
+    "data.seq_len=8", "data.batch_size=16",
+    "optim.learning_rate=0.01", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
+    "optim.eps=0.001",
+    f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=100", "train.eval_batches=1",
+]
+MESHES = {"single": None, "data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4),
+          "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+
+
+def base_config(*extra: str):
+    from ttt_jax import apply_overrides, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    return apply_overrides(load_config(root / "configs" / "tiny.yaml"), OVERRIDES + list(extra))
+
+
+def specs(tree) -> dict[str, str]:
+    """``path -> str(PartitionSpec)`` of every array leaf (``single`` when not on a mesh)."""
+    from ttt_jax.tree import flatten
+
+    out = {}
+    for k, leaf in flatten(tree).items():
+        spec = getattr(leaf.sharding, "spec", None)
+        out[k] = "single" if spec is None else str(tuple(spec))
+    return out
+
+
+def run_meshes(out_dir: Path) -> None:
+    import jax
+    import numpy as np
+
+    from ttt_jax import training
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.config import MeshConfig
+    from ttt_jax.models.ttt_lm import TTTLM
+    from ttt_jax.sharding import Layout
+    from ttt_jax.trainer import _micro_batches, build_datasets
+    from ttt_jax.tree import flatten
+
+    cfg = base_config()
+    train_ds, _ = build_datasets(cfg)
+    model = TTTLM(cfg.model)
+    optimizer = training.make_optimizer(cfg.optim, STEPS)
+    init = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))
+    host_init = jax.device_get(init(jax.random.PRNGKey(cfg.train.seed)))
+    step_fn = training.make_train_step(model, optimizer)
+    ckpt_dir = out_dir / "ckpt_run"
+
+    setups = {}
+    for name, mesh in MESHES.items():
+        if mesh is None:
+            device = jax.devices()[0]
+            setups[name] = dict(
+                place=lambda s, d=device: jax.device_put(s, d),
+                step=jax.jit(step_fn, donate_argnums=0),
+                batch=lambda i: _micro_batches(train_ds, i, 1))
+        else:
+            layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig(**mesh)))
+            setups[name] = dict(place=layout.place_state, layout=layout,
+                                batch=lambda i, lay=layout: lay.train_batch(train_ds, i, 1))
+            setups[name]["step"] = layout.jit_train_step(step_fn, layout.place_state(host_init))
+
+    result = {"devices": jax.device_count(), "runs": {}}
+    finals, saved_params = {}, None
+    for name, s in setups.items():
+        state = s["place"](host_init)
+        run = {"param_specs": specs(state.params), "opt_specs": specs(state.opt_state),
+               "losses": []}
+        if "layout" in s:
+            run["mesh_shape"] = dict(s["layout"].mesh.shape)
+            run["local_rows"] = list(s["layout"].local_rows(cfg.data.batch_size))
+        for i in range(STEPS):
+            state, metrics = s["step"](state, *s["batch"](i))
+            run["losses"].append(float(metrics["loss"]))
+            if i + 1 == SAVE_AT and name == "single":
+                np.savez(out_dir / "params_step3.npz", **{
+                    k: np.asarray(v) for k, v in flatten(jax.device_get(state.params)).items()})
+            if i + 1 == SAVE_AT and name == "data2_fsdp4":
+                ckpt = Checkpointer(ckpt_dir, every=1000, keep=2)
+                ckpt.save(state, cfg, force=True)
+                ckpt.close()
+                saved_params = jax.device_get(state.params)
+        run["specs_after_training"] = specs(state.params)
+        finals[name] = jax.device_get(state.params)
+        result["runs"][name] = run
+
+    ref = flatten(finals["single"])
+    for name in MESHES:
+        other = flatten(finals[name])
+        result["runs"][name]["max_param_diff_vs_single"] = max(
+            float(np.max(np.abs(np.asarray(other[k]) - np.asarray(ref[k])))) for k in ref)
+
+    # Restore the (data=2, fsdp=4) checkpoint onto other meshes, then keep training.
+    result["restores"] = {}
+    saved = flatten(saved_params)
+    for name in ("data8", "single"):
+        s = setups[name]
+        target = s["place"](host_init)
+        ckpt = Checkpointer(ckpt_dir, every=1000, keep=2)
+        state, meta = ckpt.restore_latest(target, log=lambda msg: None)
+        ckpt.close()
+        restored = flatten(jax.device_get(state.params))
+        entry = {"step": int(state.step), "meta_step": meta["step"],
+                 "param_specs": specs(state.params), "opt_specs": specs(state.opt_state),
+                 "target_param_specs": specs(target.params),
+                 "max_abs_diff": max(float(np.max(np.abs(np.asarray(restored[k])
+                                                         - np.asarray(saved[k]))))
+                                     for k in saved),
+                 "losses": []}
+        for i in range(SAVE_AT, STEPS):
+            state, metrics = s["step"](state, *s["batch"](i))
+            entry["losses"].append(float(metrics["loss"]))
+        result["restores"][name] = entry
+    (out_dir / "meshes.json").write_text(json.dumps(result, indent=1))
+
+
+def run_train(run_dir: Path, out_json: Path) -> None:
+    import jax
+
+    from ttt_jax import distributed, sharding
+    from ttt_jax.trainer import run
+
+    reads = []
+    original = sharding.read_rows
+
+    def recording(ds, step, rows):
+        reads.append({"split": ds.split, "step": int(step), "rows": [int(r) for r in rows]})
+        return original(ds, step, rows)
+
+    sharding.read_rows = recording
+    cfg = base_config("mesh={data: 2, fsdp: 4}", "train.steps=3", f"train.run_dir={run_dir}")
+    out = run(cfg, print_fn=lambda *a: None)
+    out_json.write_text(json.dumps({
+        "process_index": jax.process_index(), "process_count": jax.process_count(),
+        "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+        "primary": distributed.is_primary(), "reads": reads,
+        "end_val_loss": out["end_val_loss"], "step": int(out["state"].step)}))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "meshes":
+        run_meshes(Path(sys.argv[2]))
+    elif mode == "train":
+        run_train(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: expected meshes or train")
