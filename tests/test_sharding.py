@@ -97,6 +97,36 @@ def test_spec_rules_skip_axes_that_do_not_divide():
     assert tuple(spec_for("layers_3/seq_modeling_block/W1", (3, 8, 8), sizes)) == ()
     assert tuple(spec_for("layers_0/seq_modeling_block/conv_q/kernel", (4, 16), sizes)) == ()
     assert tuple(spec_for("some/new/param", (64, 64), sizes)) == ()  # unmatched: replicated
+    moshi_ttt = "transformer/layers_2/seq_modeling_block/ttt_layer/W1"
+    assert tuple(spec_for(moshi_ttt, (4, 8, 8), sizes)) == ("tensor",)
+    assert tuple(spec_for("layers_0/self_attn/in_proj/kernel", (16, 48), sizes)) == (
+        "fsdp", "tensor")
+
+
+def test_batches_on_a_mesh_equal_the_plain_batches(tmp_path):
+    """``Layout.train_batch`` (k micro-batches) and ``eval_view`` hold the same values as the
+    unsharded path, here on a 1-device mesh (the 8-device and 2-process runs are below)."""
+    import dataclasses
+
+    from ttt_jax.data import make_dataset
+    from ttt_jax.sharding import Layout
+    from ttt_jax.trainer import _micro_batches
+
+    cfg = from_dict(RunConfig, _run_dict(data=1))
+    layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig()))
+    recall = make_dataset("recall", seq_len=12, batch_size=8, seed=0, split="train",
+                          vocab_size=32, recall_num_pairs=2, recall_vocab=32)
+    for accum in (1, 2, 4):
+        tokens, mask = layout.train_batch(recall, 3, accum)
+        want_tokens, want_mask = _micro_batches(recall, 3, accum)
+        assert tokens.shape == (accum, 8 // accum, 13)
+        assert tuple(tokens.sharding.spec) == (None, ("data", "fsdp"), None)
+        np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+        np.testing.assert_array_equal(np.asarray(mask), want_mask)
+    view = layout.eval_view(recall)
+    np.testing.assert_array_equal(np.asarray(view.batch(5)), recall.batch(5))
+    np.testing.assert_array_equal(np.asarray(view.loss_mask(5)), recall.loss_mask(5))
+    assert view.batch_size == 8 and layout.local_rows(8) == (0, 8)
 
 
 def test_distributed_settings_from_environment():

@@ -43,7 +43,12 @@ RULES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
     (r"/o_proj/kernel$", ("tensor", "fsdp")),                        # [H*f, d]
     (r"/(gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),           # [d, I]
     (r"/down_proj/kernel$", ("tensor", "fsdp")),                     # [I, d]
-    (r"/seq_modeling_block/(" + "|".join(_HEAD_PARAMS) + ")$", ("tensor",)),  # [H, ...]
+    # Per-head TTT params [H, ...] (also under a Moshi-TTT block's ttt_layer/).
+    (r"/seq_modeling_block/(ttt_layer/)?(" + "|".join(_HEAD_PARAMS) + ")$", ("tensor",)),
+    # Moshi-style transformer blocks (attention in/out projections, gated FFN, output heads).
+    (r"/(in_proj|linear_in)/kernel$", ("fsdp", "tensor")),           # [d, 3d] / [d, 2I]
+    (r"/(out_proj|linear_out)/kernel$", ("tensor", "fsdp")),         # [d, d] / [I, d]
+    (r"(^|/)linears_\d+/kernel$", ("fsdp", "tensor")),               # [d, card]
 )
 
 
