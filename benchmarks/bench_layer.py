@@ -116,14 +116,15 @@ def emit(record: dict, out_path: Optional[str]) -> None:
             fh.write(line + "\n")
 
 
-def header(args: argparse.Namespace) -> dict:
+def header(args: argparse.Namespace, bench: str = BENCH) -> dict:
+    """The run's first JSON line: date, versions, backend, device and CPU facts, arguments."""
     dev = jax.devices()[0]
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count()
     return {
-        "bench": BENCH, "kind": "header",
+        "bench": bench, "kind": "header",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "flax": flax.__version__, "python": platform.python_version(),
