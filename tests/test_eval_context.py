@@ -171,7 +171,7 @@ def test_export_refuses_unbounded_rope_and_attention():
 def test_experiment_configs_parse_and_round_trip(path):
     cfg = load_config(path)
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
-    assert cfg.data.seq_len == 256
+    assert cfg.data.seq_len == (256 if cfg.data.source == "bytes" else 128)
     assert cfg.train.run_dir == f"runs/experiments/{path.stem}"
     assert isinstance(build_model(cfg.model), AttentionLM) == (cfg.model.seq_modeling == "swa")
 
