@@ -23,8 +23,12 @@ def main(argv=None) -> int:
 
     from ttt_jax import apply_overrides, load_config
 
-    try:
-        cfg = apply_overrides(load_config(args.config), args.set)
+    from ttt_jax.config import RunConfig
+    from ttt_jax.moshi.config import MoshiRunConfig, is_moshi_config
+
+    try:  # `architecture: moshi_ttt` selects the Moshi-TTT hybrid
+        cls = MoshiRunConfig if is_moshi_config(args.config) else RunConfig
+        cfg = apply_overrides(load_config(args.config, cls), args.set)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

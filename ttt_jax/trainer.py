@@ -22,6 +22,9 @@ from ttt_jax.models import build_model
 
 def build_datasets(cfg: RunConfig):
     """Train and validation datasets for ``cfg.data``; checks their vocab against the model."""
+    if getattr(cfg, "architecture", None) == "moshi_ttt":  # a Moshi-TTT run: frame data
+        from ttt_jax.moshi.train import build_datasets as moshi_datasets
+        return moshi_datasets(cfg)
     d = cfg.data
     common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=d.path,
                   vocab_size=cfg.model.vocab_size, recall_num_pairs=d.recall_num_pairs,
@@ -38,6 +41,9 @@ def build_datasets(cfg: RunConfig):
 
 def count_params(model_cfg) -> int:
     """Parameter count of the model, from shapes only (nothing allocated)."""
+    if not hasattr(model_cfg, "vocab_size"):  # a Moshi-TTT model config
+        from ttt_jax.moshi.train import count_params as moshi_count
+        return moshi_count(model_cfg)
     tokens = jax.ShapeDtypeStruct((1, model_cfg.ttt.mini_batch_size), jnp.int32)
     shapes = jax.eval_shape(build_model(model_cfg).init, jax.random.PRNGKey(0), tokens)
     return sum(x.size for x in jax.tree.leaves(shapes))
@@ -48,7 +54,7 @@ def _micro_batches(ds, step: int, accum: int):
     tokens = ds.batch(step)
     mask = ds.loss_mask(step)
     k = accum
-    tokens = tokens.reshape(k, tokens.shape[0] // k, tokens.shape[1])
+    tokens = tokens.reshape(k, tokens.shape[0] // k, *tokens.shape[1:])
     if mask is not None:
         mask = mask.reshape(k, mask.shape[0] // k, mask.shape[1]).astype(np.float32)
     return tokens, mask
@@ -123,12 +129,16 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     if primary:
         save_config(cfg, run_dir / "config.yaml")
     train_ds, val_ds = build_datasets(cfg)
-    model = build_model(cfg.model)
-    optimizer = training.make_optimizer(cfg.optim, t.steps)
+    if getattr(cfg, "architecture", None) == "moshi_ttt":  # the Moshi-TTT hybrid's parts
+        from ttt_jax.moshi.train import build_parts
+        model, optimizer, init = build_parts(cfg)
+    else:
+        model = build_model(cfg.model)
+        optimizer = training.make_optimizer(cfg.optim, t.steps)
+        init = lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len)  # noqa: E731
     key = jax.random.PRNGKey(t.seed)
-    init = lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len)  # noqa: E731
     # cfg.mesh set: state and batches sharded on a device mesh (ttt_jax.sharding).
-    layout = sharding.Layout.from_config(cfg) if cfg.mesh is not None else None
+    layout = sharding.Layout.from_config(cfg) if getattr(cfg, "mesh", None) is not None else None
     if layout is None:
         state = jax.jit(init)(key)
         train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)

@@ -298,11 +298,8 @@ class MoshiRunConfig:
 
     Attributes:
       architecture: always ``moshi_ttt``; tells ``train.py`` which model to build.
-      model, optim, data, train, checkpoint: as in a TTT-LM run.
-      import_weights: a moshi ``StreamingTransformer`` state dict (``.safetensors``) whose
-        backbone params start the run (TTT layers keep their init); ``None`` for random init.
-      import_prefix: key prefix of the backbone in that file (``transformer.`` for a whole
-        ``LMModel`` checkpoint).
+      model, optim, data, train, checkpoint: as in a TTT-LM run (``checkpoint.init_from``
+        also starts a run from imported Moshi weights, see ``ttt_jax.moshi.convert``).
     """
 
     model: MoshiTTTConfig
@@ -311,8 +308,6 @@ class MoshiRunConfig:
     data: MoshiDataConfig = MoshiDataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    import_weights: Optional[str] = None
-    import_prefix: str = ""
 
     def __post_init__(self):
         _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))

@@ -1,0 +1,144 @@
+"""Moshi-TTT presets (parsed, round-tripped, sized by eval_shape), frame data, train.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from ttt_jax.config import RunConfig, load_config, save_config
+from ttt_jax.moshi.config import MoshiDataConfig, MoshiRunConfig, is_moshi_config
+from ttt_jax.moshi.data import make_frames_dataset
+from ttt_jax.moshi.train import count_params
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs").glob("moshi*.yaml"))
+
+
+def expected_param_count(model: dict) -> int:
+    """From the YAML's numbers alone: moshi's layer shapes plus the grafted TTT-MLP layers."""
+    t, ttt = model["transformer"], model["ttt"]
+    d, n, h = t["d_model"], t["num_layers"], t["num_heads"]
+    dff = t["dim_feedforward"]
+    hidden = 21 * d // 8 if dff == 4 * d else 2 * dff // 3  # moshi's gating rule
+    layer = 4 * d * d + 2 * d + 3 * d * hidden  # in_proj (3d^2) + out_proj, norms, gating
+    layer += 2 * d if t.get("layer_scale") is not None else 0
+    heads = ttt.get("num_heads") or h
+    f, b = d // heads, ttt.get("mini_batch_size", 16)
+    graft = 4 * d * d + 2 * d  # q, k, v, o projections; post_norm
+    graft += heads * d + heads + b + 2 * heads * f  # lr gate, token idx, ttt_norm
+    graft += heads * (f * 4 * f + 4 * f) + heads * (4 * f * f + f)  # W1 b1 W2 b2
+    graft += d  # gating_alpha
+    if not ttt.get("enable"):
+        grafted = 0
+    elif ttt["layers"] == "middle":
+        grafted = 3 * n // 4 - n // 4
+    elif ttt["layers"] == "all":
+        grafted = n
+    else:
+        grafted = len(str(ttt["layers"]).split(","))
+    streams = sum(model["vocab_sizes"]) * d * 2  # embedding + head per stream
+    return streams + n * layer + grafted * graft + d  # + out_norm
+
+
+def test_presets_exist():
+    assert {p.name for p in PRESETS} >= {"moshi_ttt_tiny.yaml", "moshi_ttt_7b.yaml"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_parses_round_trips_and_counts(path, tmp_path):
+    assert is_moshi_config(path)
+    cfg = load_config(path, MoshiRunConfig)
+    out = tmp_path / path.name
+    save_config(cfg, out)
+    assert load_config(out, MoshiRunConfig) == cfg
+    with pytest.raises(ValueError, match="architecture"):
+        load_config(path, RunConfig)  # a TTT-LM run config refuses it by name
+    count = count_params(cfg.model)  # jax.eval_shape: nothing allocated
+    print(f"{path.name}: {count:,} parameters")
+    assert count == expected_param_count(yaml.safe_load(path.read_text())["model"])
+
+
+def test_7b_preset_is_moshi_7b_with_ttt_in_the_middle():
+    cfg = load_config(REPO / "configs" / "moshi_ttt_7b.yaml", MoshiRunConfig).model
+    t = cfg.transformer
+    assert (t.d_model, t.num_layers, t.num_heads, t.context) == (4096, 32, 32, 3000)
+    assert t.hidden_size == 11264 and t.layer_scale is None and t.norm == "rms_norm_f32"
+    assert cfg.ttt_layers == tuple(range(8, 24))
+    count = count_params(cfg)
+    assert 7.5e9 < count < 9e9, count  # 6.6B backbone + 1.1B TTT + streams
+
+
+def write_codebooks(tmp_path, arrays):
+    d = tmp_path / "codes"
+    d.mkdir()
+    for i, a in enumerate(arrays):
+        np.save(d / f"{i}.npy", a)
+    return str(d)
+
+
+def test_codebook_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    files = [np.stack([rng.integers(0, 10, 90), rng.integers(0, 5, 90)]).astype(np.uint16)
+             for _ in range(2)]
+    cfg = MoshiDataConfig(source="codebooks", path=write_codebooks(tmp_path, files),
+                          seq_len=9, batch_size=3, val_fraction=0.2)
+    train = make_frames_dataset(cfg, (10, 5), seed=0, split="train")
+    val = make_frames_dataset(cfg, (10, 5), seed=0, split="val")
+    batch = train.batch(0)
+    assert batch.shape == (3, 10, 2) and batch.dtype == np.int32
+    for row in batch:  # every row is a window of one file, frames along axis 0
+        hits = [s for f in files for s in range(0, 81)
+                if np.array_equal(f[:, s:s + 10].T, row)]
+        assert hits and all(s + 10 <= 72 for s in hits)  # train stays before the val tail
+    assert np.array_equal(train.batch(5), train.batch(5))
+    assert val.batch(0).shape == (3, 10, 2)
+
+
+@pytest.mark.parametrize("arrays, vocabs, match", [
+    ([np.zeros((3, 50), np.int32)], (10, 5), r"has shape \[3, 50\]: expected \[K, T\] with K=2"),
+    ([np.full((2, 50), 7, np.int32)], (10, 5), r"stream 1 has token id 7: expected ids in \[0, 5\)"),
+    ([np.zeros((2, 50), np.float32)], (10, 5), r"dtype float32: expected integer token ids"),
+    ([np.zeros((2, 12), np.int32)], (10, 5), r"no window of seq_len\+1=10 frames"),
+])
+def test_codebook_errors(tmp_path, arrays, vocabs, match):
+    cfg = MoshiDataConfig(source="codebooks", path=write_codebooks(tmp_path, arrays), seq_len=9,
+                          batch_size=2)
+    with pytest.raises(ValueError, match=match):
+        make_frames_dataset(cfg, vocabs, seed=0, split="train")
+
+
+def test_codebook_path_required_and_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"data.path=None is invalid"):
+        MoshiDataConfig(source="codebooks")
+    cfg = MoshiDataConfig(source="codebooks", path=str(tmp_path / "nope.npy"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_frames_dataset(cfg, (4,), seed=0, split="train")
+
+
+def test_bad_layer_index_in_yaml_names_the_field(tmp_path, train_main, capsys):
+    data = yaml.safe_load((REPO / "configs" / "moshi_ttt_tiny.yaml").read_text())
+    data["model"]["ttt"]["layers"] = "1,9"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert train_main(["--config", str(path), "--check"]) == 2
+    assert "ttt.layers='1,9' is invalid: expected layer indices in [0, 3]" in capsys.readouterr().err
+
+
+def test_tiny_preset_trains_through_train_py(tmp_path, train_main):
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", str(REPO / "configs" / "moshi_ttt_tiny.yaml"),
+                       "--set", "train.steps=2", "--set", "data.seq_len=16",
+                       "--set", "model.transformer.num_layers=2",  # TTT in layer 0 only
+                       "--set", "train.eval_batches=1", "--set", "train.log_every=1",
+                       "--set", f"train.run_dir={run_dir}"])
+    assert code == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (run_dir / "checkpoints").is_dir()
+    assert is_moshi_config(run_dir / "config.yaml")
