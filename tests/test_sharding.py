@@ -81,6 +81,17 @@ def test_bad_mesh_keys_and_device_counts():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
+def test_mesh_from_command_line_overrides():
+    from ttt_jax import apply_overrides
+
+    cfg = from_dict(RunConfig, _run_dict())
+    assert apply_overrides(cfg, ["mesh.fsdp=4"]).mesh == MeshConfig(data=-1, fsdp=4)
+    assert apply_overrides(cfg, ["mesh.fsdp=4", "mesh.data=2"]).mesh == MeshConfig(2, 4, 1)
+    assert apply_overrides(cfg, ["mesh={data: 8}"]).mesh == MeshConfig(data=8)
+    with pytest.raises(ValueError, match="unknown key 'mesh.pipeline'"):
+        apply_overrides(cfg, ["mesh.pipeline=2"])
+
+
 def test_micro_batch_must_split_over_data_and_fsdp():
     data = _run_dict(data=4)
     data["train"] = {"grad_accum": 8}  # 16 / 8 = 2 rows per micro-batch, not a multiple of 4

@@ -544,6 +544,16 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _section_type(cls: Any, name: str) -> Any:
+    """The dataclass type of field ``name`` of ``cls`` (unwrapping Optional), else None."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    tp = typing.get_type_hints(cls).get(name)
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next((a for a in get_args(tp) if a is not type(None)), None)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
 def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
     """Applies ``key.sub=value`` overrides (values parsed as YAML) and re-validates.
 
@@ -556,9 +566,13 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
+        section = type(cfg)
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
                 raise ValueError(f"override {item!r}: unknown key {key!r}")
+            section = _section_type(section, part)
+            if node[part] is None and section is not None:
+                node[part] = to_dict(section())  # an optional section left out (e.g. mesh)
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ValueError(f"override {item!r}: unknown key {key!r}")
