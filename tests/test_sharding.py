@@ -216,16 +216,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _finish(proc, what: str) -> None:
+def _finish(proc, what: str) -> str | None:
+    """Waits for ``proc``; the tail of its output if it failed, else None."""
     try:
         out, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    if proc.returncode != 0:
-        tail = "\n".join(line for line in out.decode(errors="replace").splitlines()
-                         if "rematerialization" not in line)[-3000:]
-        pytest.fail(f"{what} exited with {proc.returncode}:\n{tail}")
+    if proc.returncode == 0:
+        return None
+    tail = "\n".join(line for line in out.decode(errors="replace").splitlines()
+                     if "rematerialization" not in line)[-3000:]
+    return f"{what} exited with {proc.returncode}:\n{tail}"
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +242,11 @@ def runs(tmp_path_factory):
                               env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)), **opts)
              for i in range(2)]
-    _finish(meshes, "the 8-device run")
-    for i, p in enumerate(procs):
-        _finish(p, f"process {i} of the two-process run")
+    failures = [_finish(meshes, "the 8-device run")]
+    failures += [_finish(p, f"process {i} of the two-process run") for i, p in enumerate(procs)]
+    failures = [f for f in failures if f]
+    if failures:
+        pytest.fail("\n\n".join(failures))
     return {"meshes": json.loads((out / "meshes.json").read_text()),
             "processes": [json.loads((out / f"process{i}.json").read_text()) for i in range(2)],
             "dir": out}

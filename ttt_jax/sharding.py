@@ -167,7 +167,8 @@ class Layout:
 
     def jit_train_step(self, train_step: Callable, state) -> Callable:
         """``train_step(state, tokens [k, m, L+1], mask)`` with state donated and kept sharded."""
-        shardings = self.state_shardings or self.train_state_shardings(state)
+        shardings = (self.state_shardings if self.state_shardings is not None
+                     else self.train_state_shardings(state))
         rows = self.rows_sharding(3, 1)
         jitted = jax.jit(train_step, donate_argnums=0,
                          in_shardings=(shardings, rows, rows),
