@@ -49,8 +49,8 @@ class Setup:
     def __init__(self, cfg, seed=0):
         self.cfg = cfg
         self.model = TTTLM(cfg)
-        self.params = self.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, b), jnp.int32))[
-            "params"]
+        init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, b), jnp.int32)))
+        self.params = init(jax.random.PRNGKey(seed))["params"]
         self.dec = Decoder(cfg)
         self._full = jax.jit(lambda p, t, off: self.model.apply(
             {"params": p}, t, SequenceMetadata(offset=off)))

@@ -18,8 +18,8 @@ def trained(tmp_path_factory):
     cfg = RunConfig(
         model=ModelConfig(vocab_size=256, num_layers=1, intermediate_size=64, ttt=ttt),
         optim=OptimConfig(learning_rate=1e-2, warmup_steps=5),
-        data=DataConfig(source="bytes", seq_len=32, batch_size=8),
-        train=TrainConfig(steps=60, eval_every=60, eval_batches=1, log_every=60,
+        data=DataConfig(source="bytes", seq_len=64, batch_size=8),
+        train=TrainConfig(steps=150, eval_every=150, eval_batches=1, log_every=150,
                           run_dir=str(run_dir)))
     run(cfg, print_fn=lambda *a: None)
     return run_dir
@@ -41,8 +41,9 @@ def test_trained_checkpoint_generates_text_reproducibly(trained, capsys):
     # near-uniform bytes would be printable about 95/256 of the time.
     printable = sum(32 <= ord(c) < 127 or c == "\n" for c in text) / len(text)
     assert printable > 0.9, text
-    # And it is not a single repeated character.
-    assert collections.Counter(text).most_common(1)[0][1] < 0.5 * len(text)
+    # And it is not one repeated character: words and layout, not a stuck loop.
+    assert len(set(text)) >= 10, text
+    assert collections.Counter(text).most_common(1)[0][1] < 0.7 * len(text), text
 
 
 def test_several_samples_and_greedy(trained, capsys):
