@@ -114,6 +114,27 @@ def test_spec_rules_skip_axes_that_do_not_divide():
         "fsdp", "tensor")
 
 
+def test_optimizer_leaves_follow_the_param_with_the_longest_matching_path():
+    """``.../mu/layers_0/conv/norm/weight`` is the pre-conv norm's moment, not ``norm/weight``'s."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from ttt_jax.sharding import Layout
+
+    class Marked(Layout):  # a distinct spec per param, to see which one a leaf picked
+        def param_spec(self, path, shape):
+            return P("fsdp") if path == "norm/weight" else P("tensor")
+
+    layout = Marked(make_mesh(MeshConfig()))
+    params = {"norm": {"weight": jnp.ones(4)},
+              "layers_0": {"conv": {"norm": {"weight": jnp.ones(4)}}}}
+    opt = {"count": jnp.zeros(()), "mu": params, "other": jnp.ones(3)}
+    shardings = layout.opt_state_shardings(opt, params)
+    assert shardings["mu"]["norm"]["weight"].spec == P("fsdp")
+    assert shardings["mu"]["layers_0"]["conv"]["norm"]["weight"].spec == P("tensor")
+    assert shardings["count"].spec == P() and shardings["other"].spec == P()
+
+
 def test_batches_on_a_mesh_equal_the_plain_batches(tmp_path):
     """``Layout.train_batch`` (k micro-batches) and ``eval_view`` hold the same values as the
     unsharded path, here on a 1-device mesh (the 8-device and 2-process runs are below)."""

@@ -113,10 +113,6 @@ class Layout:
         check_batch_fits_mesh(cfg, mesh.shape["data"], mesh.shape["fsdp"])
         return cls(mesh)
 
-    @property
-    def batch_split(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
     def param_spec(self, path: str, shape: Sequence[int]) -> P:
         return spec_for(path, shape, dict(self.mesh.shape), self.rules)
 
@@ -132,10 +128,12 @@ class Layout:
 
         def one(path, leaf):
             s = path_str(path)
-            for key, (shape, spec) in by_path.items():
-                if (s == key or s.endswith("/" + key)) and tuple(leaf.shape) == shape:
-                    return NamedSharding(self.mesh, spec)
-            return self.replicated
+            # The longest param path that ends the leaf's path (``.../mu/<param path>``).
+            matches = [key for key, (shape, _) in by_path.items()
+                       if (s == key or s.endswith("/" + key)) and tuple(leaf.shape) == shape]
+            if not matches:
+                return self.replicated
+            return NamedSharding(self.mesh, by_path[max(matches, key=len)][1])
 
         return jax.tree_util.tree_map_with_path(one, opt_state)
 
