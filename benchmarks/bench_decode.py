@@ -88,8 +88,10 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     state = dec.init_state(params, args.batch)
-    jax.block_until_ready(dec.prefill(params, chunk(args.chunk), state))
-    jax.block_until_ready(dec.step(params, state, token))
+    for _ in range(2):  # compile, then one warm call
+        jax.block_until_ready(dec.prefill(params, chunk(args.chunk), state,
+                                          lengths=[1] * args.batch))
+        jax.block_until_ready(dec.step(params, state, token))
     compile_s = time.perf_counter() - t0
 
     first, done = None, 0
