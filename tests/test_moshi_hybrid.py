@@ -115,6 +115,14 @@ def test_streaming_equals_full(hybrid):
     assert np.max(np.abs(np.concatenate(outs, 1) - full)) <= 1e-5
     assert cache["layers"][1]["attn"]["k"].shape[2] == CONTEXT
     np.testing.assert_array_equal(np.asarray(cache["offset"]), [LENGTH, LENGTH])
+    # A chunk of 5 frames (ending mid mini-batch), then single frames again.
+    cache = model.apply(variables, BATCH, method="init_cache")
+    outs, cache = step(cache, x[:, :5])
+    outs = [np.asarray(outs)]
+    for t in range(5, LENGTH):
+        y, cache = step(cache, x[:, t:t + 1])
+        outs.append(np.asarray(y))
+    assert np.max(np.abs(np.concatenate(outs, 1) - full)) <= 1e-5
 
 
 def test_noop_graft_equals_base_and_trains():
