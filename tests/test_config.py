@@ -16,8 +16,9 @@ from ttt_jax import (TTTLM, ModelConfig, RunConfig, TTTConfig, TTTLayer, apply_o
                      from_dict, load_config, save_config, to_dict)
 
 REPO = Path(__file__).resolve().parents[1]
-# TTT-LM presets; the Moshi-TTT ones (architecture: moshi_ttt) are tests/test_moshi_config.py's.
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.stem.startswith("moshi"))
+# TTT-LM presets; the Moshi-TTT ones (and the bare ttt: block) are tests/test_moshi_config.py's.
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml")
+                 if not p.stem.startswith(("moshi", "ttt_with_rope_example")))
 TINY = REPO / "configs" / "tiny.yaml"
 
 # A minimal valid YAML document, as a plain mapping.

@@ -18,7 +18,7 @@ from ttt_jax.nn.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 13  # 13 % 4 != 0
 PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml")
-                 if not p.stem.startswith(("tiny", "moshi")))  # moshi: test_moshi_config.py
+                 if not p.stem.startswith(("tiny", "moshi", "ttt_with_rope_example")))  # test_moshi_config.py
 
 TTT_BLOCK_PARAMS = {"q_proj", "v_proj", "o_proj", "post_norm", "learnable_ttt_lr_weight",
                     "learnable_ttt_lr_bias", "learnable_token_idx", "ttt_norm_weight",

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from ttt_jax.config import RunConfig, load_config, save_config
-from ttt_jax.moshi.config import MoshiDataConfig, MoshiRunConfig, is_moshi_config
+from ttt_jax.moshi.config import (MoshiDataConfig, MoshiRunConfig, TTTArgs, is_moshi_config,
+                                  load_ttt_block)
 from ttt_jax.moshi.data import make_frames_dataset
 from ttt_jax.moshi.train import count_params
 
@@ -71,6 +72,22 @@ def test_7b_preset_is_moshi_7b_with_ttt_in_the_middle():
     assert cfg.ttt_layers == tuple(range(8, 24))
     count = count_params(cfg)
     assert 7.5e9 < count < 9e9, count  # 6.6B backbone + 1.1B TTT + streams
+
+
+def test_moshi_ttt_block_file_loads_unchanged(tmp_path):
+    args = load_ttt_block(REPO / "configs" / "ttt_with_rope_example.yaml")
+    assert args == TTTArgs(enable=True, layers="middle", base_lr=1.0, mini_batch_size=16,
+                           use_rope=True, rope_theta=10000.0)
+    assert args.layer_indices(32) == tuple(range(8, 24))
+    # The block inside a larger fine-tuning YAML, without the RoPE keys: off, theta 10000.
+    path = tmp_path / "finetune.yaml"
+    path.write_text("lora: {enable: false}\nttt:\n  enable: true\n  layers: \"1,5,9\"\n")
+    plain = load_ttt_block(path)
+    assert (plain.use_rope, plain.rope_theta, plain.layer_indices(10)) == (False, 10000.0,
+                                                                          (1, 5, 9))
+    path.write_text("ttt:\n  enable: true\n  mini_batch_size: 0\n")
+    with pytest.raises(ValueError, match=r"finetune.yaml: ttt.mini_batch_size=0 is invalid"):
+        load_ttt_block(path)
 
 
 def write_codebooks(tmp_path, arrays):

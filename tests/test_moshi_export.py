@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+pytest.importorskip("safetensors")  # the torch extra: writes and reads model.safetensors
+
 from ttt_jax.config import apply_overrides, load_config
 from ttt_jax.moshi.config import (MoshiRunConfig, MoshiTTTConfig, MoshiTransformerConfig,
                                   TTTArgs)

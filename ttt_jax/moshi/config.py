@@ -328,3 +328,18 @@ def is_moshi_config(path: str | Path) -> bool:
 def load_ttt_args(data) -> TTTArgs:
     """``TTTArgs`` from a mapping (e.g. the ``ttt:`` block of a Moshi-TTT YAML)."""
     return from_dict(TTTArgs, data, "ttt")
+
+
+def load_ttt_block(path: str | Path) -> TTTArgs:
+    """``TTTArgs`` from the top-level ``ttt:`` block of a YAML file (other keys are ignored,
+    as a Moshi-TTT fine-tuning YAML holds many); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = parse_yaml(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("ttt"), dict):
+        raise ValueError(f"{path}: expected a top-level `ttt:` mapping (the Moshi-TTT block)")
+    try:
+        return load_ttt_args(data["ttt"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
