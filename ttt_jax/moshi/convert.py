@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict

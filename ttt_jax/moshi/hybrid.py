@@ -18,13 +18,13 @@ the full forward.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.moshi.config import MoshiTransformerConfig, MoshiTTTConfig, TTTArgs
+from ttt_jax.moshi.config import MoshiTTTConfig
 from ttt_jax.moshi.transformer import (MASK_VALUE, LayerScale, MoshiAttention, MoshiGating,
                                        init_attention_cache, make_norm)
 from ttt_jax.nn.ttt_layer import TTTLayer
