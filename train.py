@@ -8,6 +8,7 @@ the configured data, and writes ``config.yaml``, ``metrics.jsonl`` and ``loss.pn
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from ttt_jax.checkpoint import CheckpointError
+    from ttt_jax.distributed import maybe_initialize
     from ttt_jax.trainer import build_datasets, count_params, run
 
     try:
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
             print(f"config {args.config}: {count_params(cfg.model):,} parameters; "
                   f"data {train_ds.describe()['source']} ok")
             return 0
+        # Several hosts: join them first (docs/scaling.md); a single process is unchanged.
+        maybe_initialize(os.environ)
         run(cfg)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -201,7 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    distributed.maybe_initialize(log=lambda *a: None)
+    distributed.maybe_initialize(os.environ, log=lambda *a: None)
     import jax
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

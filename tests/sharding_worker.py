@@ -12,7 +12,7 @@ read the JSON it writes.
       single-device params after step 3 to OUT_DIR/params_step3.npz.
 
   python tests/sharding_worker.py train RUN_DIR OUT_JSON
-      ``trainer.run`` of the same config on mesh (data=2, fsdp=4) for 3 steps; started once per
+      ``train.py`` on the same config with mesh (data=2, fsdp=4) for 3 steps; started once per
       process with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, so
       ``jax.distributed`` joins the processes. Writes which batch rows this process read.
 """
@@ -151,10 +151,10 @@ def run_meshes(out_dir: Path) -> None:
 
 
 def run_train(run_dir: Path, out_json: Path) -> None:
-    import jax
+    """``train.py``'s ``main`` on this process, recording which batch rows it read."""
+    import importlib.util
 
-    from ttt_jax import distributed, sharding
-    from ttt_jax.trainer import run
+    from ttt_jax import save_config, sharding
 
     reads = []
     original = sharding.read_rows
@@ -165,12 +165,24 @@ def run_train(run_dir: Path, out_json: Path) -> None:
 
     sharding.read_rows = recording
     cfg = base_config("mesh={data: 2, fsdp: 4}", "train.steps=3", f"train.run_dir={run_dir}")
-    out = run(cfg, print_fn=lambda *a: None)
+    config_path = out_json.with_suffix(".yaml")
+    save_config(cfg, config_path)
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_entry", root / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    code = entry.main(["--config", str(config_path)])
+    if code != 0:
+        raise SystemExit(f"train.py exited with {code}")
+
+    import jax
+
+    from ttt_jax import distributed
+
     out_json.write_text(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-        "primary": distributed.is_primary(), "reads": reads,
-        "end_val_loss": out["end_val_loss"], "step": int(out["state"].step)}))
+        "primary": distributed.is_primary(), "reads": reads}))
 
 
 if __name__ == "__main__":

@@ -368,9 +368,9 @@ def test_sharded_checkpoint_loads_on_one_device(runs):
 
 
 def test_two_processes_train_like_one(runs):
-    """2 processes x 4 devices on mesh (data=2, fsdp=4), joined by jax.distributed over a
-    localhost coordinator: each reads only its half of every batch, and the losses, the
-    validation and the checkpoint they write match the single-process run."""
+    """``train.py`` in 2 processes x 4 devices on mesh (data=2, fsdp=4), joined by
+    jax.distributed over a localhost coordinator: each reads only its half of every batch, and
+    the losses and the checkpoint they write match the single-process run."""
     from ttt_jax.checkpoint import load_saved
     from ttt_jax.tree import flatten
 
@@ -378,17 +378,17 @@ def test_two_processes_train_like_one(runs):
     for i, p in enumerate((p0, p1)):
         assert (p["process_index"], p["process_count"]) == (i, 2)
         assert (p["device_count"], p["local_device_count"]) == (8, 4)
-        assert p["primary"] == (i == 0) and p["step"] == 3
+        assert p["primary"] == (i == 0)
     train_reads = lambda p: [r for r in p["reads"] if r["split"] == "train"]  # noqa: E731
     assert [r["step"] for r in train_reads(p0)] == [0, 1, 2]
     for r0, r1 in zip(p0["reads"], p1["reads"]):
         assert r0["rows"] == list(range(8)) and r1["rows"] == list(range(8, 16))
     assert len(p0["reads"]) == len(p1["reads"])
-    assert p0["end_val_loss"] == p1["end_val_loss"]
 
     records = [json.loads(line) for line in
                (runs["dir"] / "mp_run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 3]
     np.testing.assert_allclose(losses, runs["meshes"]["runs"]["single"]["losses"][:3], rtol=RTOL)
 
     ref = np.load(runs["dir"] / "params_step3.npz")

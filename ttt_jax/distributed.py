@@ -1,9 +1,10 @@
 """Several hosts: start ``jax.distributed`` when the environment asks for it; per-host data.
 
-``maybe_initialize()`` runs at the start of a training run, before JAX touches a device. It
-calls ``jax.distributed.initialize()`` when the environment describes a multi-process job
-(see :func:`distributed_settings`), and does nothing otherwise, so a single-host run is
-unchanged. Every process then sees all devices of the job (``jax.devices()``) and its own
+``maybe_initialize(os.environ)`` runs first thing in ``train.py`` (and the scaling benchmark),
+before JAX touches a device. It calls ``jax.distributed.initialize()`` when the environment
+describes a multi-process job (see :func:`distributed_settings`), and does nothing otherwise,
+so a single-host run is unchanged. The library itself never reads the environment: callers
+pass it in. Every process then sees all devices of the job (``jax.devices()``) and its own
 (``jax.local_devices()``); the mesh spans them all.
 
 Each process reads only the rows of a batch that its own devices hold (:func:`read_rows`);
@@ -12,7 +13,6 @@ Each process reads only the rows of a batch that its own devices hold (:func:`re
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -42,7 +42,7 @@ def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:
     return value
 
 
-def distributed_settings(env: Mapping[str, str] | None = None) -> Optional[dict[str, Any]]:
+def distributed_settings(env: Mapping[str, str]) -> Optional[dict[str, Any]]:
     """The ``jax.distributed.initialize`` arguments the environment asks for, or None.
 
     In order:
@@ -56,13 +56,12 @@ def distributed_settings(env: Mapping[str, str] | None = None) -> Optional[dict[
       JAX's auto-detection.
 
     Args:
-      env: the environment (``os.environ`` by default).
+      env: the environment, e.g. ``os.environ``.
 
     Returns:
       ``{"coordinator_address", "num_processes", "process_id"}`` (values may be None: JAX
       detects them) or None for a single-process run.
     """
-    env = os.environ if env is None else env
     switch = env.get(ENV_SWITCH, "").strip()
     if switch not in ("", "0", "1"):
         raise ValueError(f"environment variable {ENV_SWITCH}={switch!r} is invalid: expected 0 "
@@ -99,31 +98,26 @@ def distributed_settings(env: Mapping[str, str] | None = None) -> Optional[dict[
     return None
 
 
-_initialized = False
+def maybe_initialize(env: Mapping[str, str], *, log=print) -> bool:
+    """Calls ``jax.distributed.initialize`` if :func:`distributed_settings` asks for it.
 
-
-def maybe_initialize(env: Mapping[str, str] | None = None, *, log=print) -> bool:
-    """Calls ``jax.distributed.initialize`` once if :func:`distributed_settings` asks for it.
-
-    Must run before anything touches a JAX device. Returns whether this is a multi-process run
-    (``jax.process_count() > 1`` afterwards).
+    Must run before anything touches a JAX device; a second call is a no-op. Returns whether
+    ``jax.distributed`` is running (a multi-process job).
     """
-    global _initialized
     settings = distributed_settings(env)
-    if settings is None or _initialized:
-        return _initialized
     import jax
 
+    if settings is None or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
     kwargs = {k: v for k, v in settings.items() if v is not None}
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:
         raise RuntimeError(f"jax.distributed.initialize({kwargs}) failed: {e}. It must run "
                            f"before any JAX computation in the process") from e
-    _initialized = True
     log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.local_device_count()} local of {jax.device_count()} devices")
-    return jax.process_count() > 1
+    return True
 
 
 def is_primary() -> bool:

@@ -119,8 +119,9 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
 
     Writes ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` under ``cfg.train.run_dir``.
     """
-    distributed.maybe_initialize(log=print_fn)
-    primary = distributed.is_primary()  # process 0 prints and writes the run's files
+    # In a multi-process job (jax.distributed started by train.py) process 0 prints and writes
+    # the run's files; every process trains and checkpoints.
+    primary = distributed.is_primary()
     if not primary:
         print_fn = lambda *args, **kwargs: None  # noqa: E731
     t = cfg.train
