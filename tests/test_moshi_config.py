@@ -159,3 +159,29 @@ def test_tiny_preset_trains_through_train_py(tmp_path, train_main):
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (run_dir / "checkpoints").is_dir()
     assert is_moshi_config(run_dir / "config.yaml")
+
+
+def test_single_byte_stream():
+    """One stream: the byte corpus as [B, L+1, 1] frames; the model also takes [B, T] ids."""
+    import jax
+    import jax.numpy as jnp
+
+    from ttt_jax.moshi.config import MoshiTTTConfig, MoshiTransformerConfig
+    from ttt_jax.moshi.hybrid import MoshiTTTLM
+
+    ds = make_frames_dataset(MoshiDataConfig(source="bytes", seq_len=12, batch_size=2), (256,),
+                             seed=0, split="val")
+    batch = ds.batch(0)
+    assert batch.shape == (2, 13, 1) and batch.max() < 256
+    cfg = MoshiTTTConfig(transformer=MoshiTransformerConfig(d_model=16, num_heads=2, num_layers=2,
+                                                            dim_feedforward=32, context=4),
+                         ttt=TTTArgs(enable=True, layers="all", mini_batch_size=4),
+                         vocab_sizes=(256,))
+    model = MoshiTTTLM(cfg)
+    ids = jnp.zeros((2, 12), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)
+    assert jax.eval_shape(model.apply, variables, ids).shape == (2, 12, 256)
+    assert jax.eval_shape(model.apply, variables, ids[..., None]).shape == (2, 12, 1, 256)
+    with pytest.raises(ValueError, match=r"expects integer token ids of shape \[B, T, K\] or "
+                                         r"\[B, T\] with K=1 streams, got int32\[2, 12, 3\]"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((2, 12, 3), jnp.int32))
