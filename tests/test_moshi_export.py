@@ -98,6 +98,14 @@ def test_import_refuses_bias_and_reports_missing():
         from_state_dict(CFG, partial, params)
     grafted, kept = from_state_dict(CFG, partial, params, require_ttt=False)
     assert kept and all("seq_modeling_block" in k for k in kept)
+    # Older moshi checkpoints name the attention projections in_proj_weight / out_proj.weight.
+    legacy = {k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
+               .replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight"): v
+              for k, v in state.items()}
+    assert "transformer.layers.0.self_attn.in_proj_weight" in legacy
+    again, _ = from_state_dict(CFG, legacy, params)
+    for k, v in flatten(again).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flatten(params)[k]), err_msg=k)
     with pytest.raises(ValueError, match="keys no parameter reads"):
         from_state_dict(CFG, {**state, "transformer.layers.9.norm1.alpha": state[
             "out_norm.alpha"]}, params)

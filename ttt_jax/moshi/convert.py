@@ -155,7 +155,7 @@ def from_state_dict(cfg: MoshiTTTConfig, state: Mapping[str, Any], target: Mappi
     target = target.get("params", target)
     flat = dict(flatten_dict(flax.core.unfreeze(target)))
     rules = _rules(cfg, scope)
-    arrays = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    arrays = {_modern_key(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
     known = {r.torch for r in rules}
     if strict and set(arrays) - known:
         raise ValueError(f"state dict has keys no parameter reads: "
@@ -185,6 +185,20 @@ def from_state_dict(cfg: MoshiTTTConfig, state: Mapping[str, Any], target: Mappi
                          f"{missing[:5]} (with TTT layers grafted onto a plain Moshi backbone, "
                          f"pass require_ttt=False)")
     return unflatten_dict(flat), sorted(set(kept))
+
+
+# Older moshi checkpoints store the attention projections under these names; moshi's own
+# load hook renames them (a single set of weights: in_projs.0 / out_projs.0).
+LEGACY_SUFFIXES = {"self_attn.in_proj_weight": "self_attn.in_projs.0.weight",
+                   "self_attn.in_proj.weight": "self_attn.in_projs.0.weight",
+                   "self_attn.out_proj.weight": "self_attn.out_projs.0.weight"}
+
+
+def _modern_key(key: str) -> str:
+    for old, new in LEGACY_SUFFIXES.items():
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
 
 
 def _numpy(x):
