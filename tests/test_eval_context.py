@@ -92,13 +92,14 @@ def test_chunked_equals_one_shot_ttt(unbounded_ttt):
 
 
 def test_chunked_equals_one_shot_swa():
-    cfg = model_config(seq_modeling="swa", attention_window=5)
+    cfg = model_config(seq_modeling="swa", attention_window=5, pre_conv=True)
     params = init_params(cfg)
     tokens = random_tokens((2, 41), seed=1)
     full_loss, _ = ec.Scorer(cfg, params, chunk=0).score(tokens)
     loss, _ = ec.Scorer(cfg, params, chunk=7).score(tokens)
     np.testing.assert_allclose(loss, full_loss, atol=2e-5, rtol=1e-5)
-    assert context_needed(cfg) == 8  # 2 layers x (window - 1): one window is not enough
+    # 2 layers x (window - 1 + conv_kernel - 1): one window is not enough
+    assert context_needed(cfg) == 14
 
 
 def test_sliding_window_attention_matches_naive():
@@ -257,10 +258,10 @@ def tiny_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = RunConfig(model=model_config(ttt=dict(use_rope=True)),
-                    data=DataConfig(source="bytes", seq_len=16, batch_size=2),
+                    data=DataConfig(source="bytes", seq_len=32, batch_size=2),
                     train=TrainConfig(steps=1, run_dir=str(run_dir)))
     optimizer = training.make_optimizer(cfg.optim, 1)
-    state = jax.jit(lambda k: training.init_state(build_model(cfg.model), optimizer, k, 16))(
+    state = jax.jit(lambda k: training.init_state(build_model(cfg.model), optimizer, k, 32))(
         jax.random.PRNGKey(0))
     ckpt = Checkpointer(run_dir, every=1, keep=1)
     ckpt.save(state, cfg, force=True)
@@ -279,7 +280,7 @@ def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
     assert rc == 0
     report = json.loads((out / "eval_context.json").read_text())
     (m,) = report["models"]
-    assert m["train_seq_len"] == 16 and m["model"]["rope_bounded"] is True
+    assert m["train_seq_len"] == 32 and m["model"]["rope_bounded"] is True
     assert set(m["lm"]) == {"32", "96"}
     long = m["lm"]["96"]
     assert [(b["start"], b["end"]) for b in long["buckets"]] == [(0, 64), (64, 96)]
@@ -289,6 +290,7 @@ def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
     assert all(abs(b["loss"] - np.log(256)) < 0.5 for b in long["buckets"])
     assert set(m["recall"]) == {"4", "30"}
     assert all(0 <= r["accuracy"] <= 1 for r in m["recall"].values())
+    assert [r["seq_len"] for r in m["recall"].values()] == [32, 32]  # the training length
     diag = m["ttt_diagnostics"]
     assert len(diag["layers"]) == 2 and diag["length"] == 24
     assert diag["bin_start"][0] == 0 and diag["bin_end"][-1] == 24

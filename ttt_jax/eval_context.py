@@ -12,8 +12,9 @@ For every checkpoint (a run directory, its ``checkpoints/`` or ``checkpoints/STE
   length and per position bucket ``[0, 64), [64, 128), [128, 256), ...`` in nats per token
   (and bits per byte for bytes).
 * Recall (``data.source: recall``, or ``--recall`` for any model): ``--recall-samples`` planted-key
-  sequences (:func:`ttt_jax.data.recall_sequence`) per distance ``D``; the accuracy of the
-  argmax prediction of the value ``D`` tokens after its key.
+  sequences (:func:`ttt_jax.data.recall_sequence`) per distance ``D``, each of
+  ``max(training length, D + 2)`` tokens with the query last; the accuracy of the argmax
+  prediction of the value ``D`` tokens after its key.
 * ``--ttt-diagnostics``: per TTT layer, the inner self-supervised loss over positions with the
   initial weights, before and after each mini-batch's update (:mod:`ttt_jax.diagnostics`).
 
@@ -284,21 +285,23 @@ def default_recall_distances(train_len: int) -> list[int]:
 
 
 def evaluate_recall(scorer: Scorer, distances: list[int], samples: int, recall_vocab: int,
-                    batch: int, seed: int = 0, log: Callable = print) -> dict[str, Any]:
+                    batch: int, min_len: int, seed: int = 0,
+                    log: Callable = print) -> dict[str, Any]:
     """Accuracy of predicting a value planted ``D`` tokens before its query.
 
-    Every sequence has the same length ``max(distances) + 2`` (the query is always its last
-    input), so only the distance changes between rows.
+    The sequences of distance ``D`` hold ``max(min_len, D + 2)`` tokens with the query last:
+    up to the training length (``min_len``) only the distance changes; beyond it the sequence
+    is just long enough to hold the distance.
     """
     from ttt_jax.data import recall_sequence
 
     if min(distances) < 2:
         raise EvalError(f"recall distances must be >= 2 (the value sits between key and query), "
                         f"got {min(distances)}")
-    seq_len = max(distances) + 2
     rng = np.random.default_rng(seed)
     out = {}
     for dist in distances:
+        seq_len = max(min_len, dist + 2)
         examples = [recall_sequence(rng, seq_len, dist, recall_vocab=recall_vocab,
                                     vocab_size=scorer.cfg.vocab_size) for _ in range(samples)]
         tokens = np.stack([ex.tokens for ex in examples])  # [N, L + 1]
@@ -504,7 +507,7 @@ def evaluate_checkpoint(path: str, args, log: Callable = print) -> dict[str, Any
         distances = args.recall_distances or default_recall_distances(cfg.data.seq_len)
         vocab = cfg.data.recall_vocab if is_recall else min(64, m.vocab_size)
         result["recall"] = evaluate_recall(scorer, distances, args.recall_samples, vocab,
-                                           args.batch, log=log)
+                                           args.batch, cfg.data.seq_len, log=log)
     if args.ttt_diagnostics:
         if m.seq_modeling != "ttt":
             log(f"  {label}: no TTT layers, no inner-loss diagnostics")

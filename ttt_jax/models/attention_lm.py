@@ -1,7 +1,7 @@
 """A sliding-window attention LM: the TTT-LM's blocks with causal local attention instead of TTT.
 
 The long-context baseline (``model.seq_modeling: swa``). Everything but the sequence layer is
-the TTT-LM's: ``embed_tokens -> layers_{i} -> norm -> lm_head`` with blocks
+the TTT-LM's: ``embed_tokens -> layers_{i} -> norm -> lm_head`` with blocks (optional pre-conv)
 ``x += seq_modeling_block(seq_norm(x))``, ``x += mlp(ffn_norm(x))``. The sequence layer is
 multi-head attention (``ttt.num_heads`` heads of ``ttt.head_dim``) where token ``i`` attends to
 tokens ``j`` with ``0 <= i - j < attention_window``, queries and keys rotated by standard RoPE
@@ -10,8 +10,8 @@ over their absolute positions (``ttt.rope_theta``, ``ttt.rope_layout``).
 The attention is computed in blocks of ``attention_window`` queries, each against its own block
 and the previous one, so time and memory grow linearly with the length. Because a token never
 looks further back than the window, the logits of tokens ``[s, e)`` computed from the tokens
-``[s - window + 1, e)`` (with their absolute positions) equal those of the whole sequence
-(per layer the receptive field grows, see :func:`context_needed`).
+``[s - context_needed, e)`` (with their absolute positions) equal those of the whole sequence:
+the receptive field grows by a window per layer, see :func:`context_needed`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import jax.numpy as jnp
 
 from ttt_jax.config import ModelConfig
 from ttt_jax.math.rope import position_angles, rotate
-from ttt_jax.nn.layers import RMSNorm, SwiGLU
+from ttt_jax.nn.layers import PreConv, RMSNorm, SwiGLU
 from ttt_jax.types import SequenceMetadata
 
 
 def context_needed(cfg: ModelConfig) -> int:
-    """Tokens before a position that can influence its logits: ``num_layers * (window - 1)``."""
-    return cfg.num_layers * (cfg.attention_window - 1)
+    """Tokens before a position that can influence its logits: per layer ``window - 1``, plus
+    ``conv_kernel - 1`` with the pre-conv."""
+    conv = cfg.ttt.conv_kernel - 1 if cfg.pre_conv else 0
+    return cfg.num_layers * (cfg.attention_window - 1 + conv)
 
 
 def sliding_window_attention(q, k, v, window: int):
@@ -101,7 +103,8 @@ class SlidingWindowAttention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """``x += attention(seq_norm(x))``, ``x += mlp(ffn_norm(x))``."""
+    """Optional ``x += conv(x)`` (pre-conv), ``x += attention(seq_norm(x))``,
+    ``x += mlp(ffn_norm(x))``: the TTT-LM block with attention in place of TTT."""
 
     config: ModelConfig
 
@@ -109,6 +112,8 @@ class AttentionBlock(nn.Module):
     def __call__(self, x, metadata: Optional[SequenceMetadata] = None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        if cfg.pre_conv:
+            x = x + PreConv(cfg.ttt.conv_kernel, cfg.rms_norm_eps, dtype, name="conv")(x)
         h = RMSNorm(cfg.rms_norm_eps, name="seq_norm")(x)
         x = x + SlidingWindowAttention(cfg, dtype, name="seq_modeling_block")(h, metadata)
         h = RMSNorm(cfg.rms_norm_eps, name="ffn_norm")(x)
