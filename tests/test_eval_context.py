@@ -306,3 +306,20 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert ec.main(["--checkpoint", str(tmp_path), "--lengths", "1x",
                     "--out", str(tmp_path)]) == 2
     assert "1x" in capsys.readouterr().err
+
+
+def test_training_logs_inner_losses_every_n_steps(tmp_path):
+    from ttt_jax.logging import MetricsWriter
+    from ttt_jax.trainer import run
+
+    cfg = RunConfig(model=model_config(), data=DataConfig(source="bytes", seq_len=8, batch_size=2),
+                    train=TrainConfig(steps=2, eval_every=2, eval_batches=1, log_every=1,
+                                      diagnostics_every=1, run_dir=str(tmp_path / "run")))
+    run(cfg, print_fn=lambda *a, **k: None)
+    records = MetricsWriter(tmp_path / "run" / "metrics.jsonl").read()
+    diag = [r for r in records if r["kind"] == "ttt_diagnostics"]
+    assert [r["step"] for r in diag] == [1, 2]
+    assert all(len(r["layers"]) == 2 and set(r["layers"][0]) == {"w0", "before", "after"}
+               for r in diag)
+    with pytest.raises(ValueError, match="train.diagnostics_every"):
+        TrainConfig(diagnostics_every=-1)

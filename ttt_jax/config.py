@@ -284,6 +284,9 @@ class TrainConfig:
       eval_batches: validation batches per evaluation.
       log_every: write a metrics line every this many steps.
       run_dir: where metrics, checkpoints and the loss plot go.
+      diagnostics_every: every this many steps, log the TTT inner self-supervised loss per layer
+        (with ``W0``, before and after each mini-batch update, on the first validation batch) as
+        a ``ttt_diagnostics`` metrics line; 0 (the default) turns it off.
     """
 
     steps: int = 200
@@ -293,11 +296,12 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     run_dir: str = "runs/default"
+    diagnostics_every: int = 0
 
     def __post_init__(self):
         _check_positive_ints("train", self, ("steps", "grad_accum", "eval_every", "eval_batches",
                                              "log_every"))
-        _check_positive_ints("train", self, ("seed",), minimum=0)
+        _check_positive_ints("train", self, ("seed", "diagnostics_every"), minimum=0)
         if not isinstance(self.run_dir, str) or not self.run_dir:
             _fail("train", "run_dir", self.run_dir, "a non-empty directory path")
 

@@ -15,6 +15,7 @@ the model changes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -122,6 +123,18 @@ def model_inner_losses(model_cfg: ModelConfig, params, tokens) -> list[dict[str,
                                  p["ttt_norm_weight"], p["ttt_norm_bias"])
         out.append({k: jnp.mean(v, axis=(0, 1)) for k, v in losses.items()})
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_inner_losses(model_cfg: ModelConfig):
+    return jax.jit(lambda p, t: model_inner_losses(model_cfg, p, t))
+
+
+def mean_inner_losses(model_cfg: ModelConfig, params, tokens) -> list[dict[str, float]]:
+    """Per layer, ``{"w0", "before", "after"}``: the inner loss averaged over every token of
+    ``tokens [B, L]`` (what training logs every ``train.diagnostics_every`` steps)."""
+    curves = jax.device_get(_jitted_inner_losses(model_cfg)(params, jnp.asarray(tokens)))
+    return [{k: float(np.mean(c[k])) for k in KINDS} for c in curves]
 
 
 def binned(curves: list[dict[str, Any]], width: int) -> dict[str, Any]:

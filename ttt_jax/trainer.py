@@ -211,4 +211,9 @@ def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val
     if done % t.eval_every == 0 or done == t.steps:
         val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
         metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
+    if t.diagnostics_every and done % t.diagnostics_every == 0 and cfg.model.seq_modeling == "ttt":
+        from ttt_jax.diagnostics import mean_inner_losses
+
+        layers = mean_inner_losses(cfg.model, state.params, val_ds.batch(0)[:, :-1])
+        metrics.write({"kind": "ttt_diagnostics", "step": done, "layers": layers})
     return val_loss
