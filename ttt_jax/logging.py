@@ -32,7 +32,9 @@ class Progress:
     """A single updating line: step, loss, tokens/s and ETA."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, start_step: int = 0,
-                 stream=sys.stdout):
+                 stream=None):
+        # sys.stdout is read now, not at import: it may have been replaced since (pytest capture)
+        stream = sys.stdout if stream is None else stream
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
         self.start_step, self.start_time = start_step, time.perf_counter()
 
