@@ -81,7 +81,6 @@ def unbounded_ttt():
 
 
 def test_chunked_equals_one_shot_ttt(unbounded_ttt):
-    pytest.importorskip("ttt_jax.decode")
     cfg, params = unbounded_ttt
     tokens = random_tokens((2, 43))  # chunks of 6 start at every phase of the mini-batch (b=4)
     full_loss, full_pred = ec.Scorer(cfg, params, chunk=0).score(tokens)
@@ -270,7 +269,6 @@ def tiny_run(tmp_path_factory):
 
 
 def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
-    pytest.importorskip("ttt_jax.decode")
     out = tmp_path / "eval"
     # few shapes, few compilations: every forward pass is [2, 32] tokens
     rc = ec.main(["--checkpoint", str(tiny_run), "--lengths", "32,96", "--chunk", "32",
