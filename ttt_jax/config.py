@@ -178,6 +178,12 @@ DataSource = Literal["bytes", "recall", "tokens"]
 TokenDType = Literal["uint16", "uint32"]
 
 
+def _check_fraction(section: str, field: str, value: Any) -> None:
+    """A number strictly between 0 and 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        _fail(section, field, value, "a number in (0, 1)")
+
+
 def _check_positive_ints(section: str, cfg: Any, names: tuple[str, ...], minimum: int = 1):
     for name in names:
         value = getattr(cfg, name)
@@ -267,9 +273,7 @@ class DataConfig:
                                             "recall_vocab"))
         if self.source == "tokens" and not self.path:
             _fail("data", "path", self.path, "the path of a .npy or .bin token file when source=tokens")
-        v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            _fail("data", "val_fraction", v, "a number in (0, 1)")
+        _check_fraction("data", "val_fraction", self.val_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

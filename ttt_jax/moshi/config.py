@@ -16,7 +16,7 @@ from typing import Literal, Optional, get_args
 
 from ttt_jax.config import (CheckpointConfig, DType, OptimConfig, RopeLayout, TTTConfig,
                             TTTLayerType, TrainConfig, _check_bools, _check_choice,
-                            _check_positive, _fail, from_dict, parse_yaml)
+                            _check_fraction, _check_positive, _fail, from_dict, parse_yaml)
 
 ARCHITECTURE = "moshi_ttt"
 NormType = Literal["rms_norm", "rms_norm_f32"]
@@ -287,9 +287,7 @@ class MoshiDataConfig:
         _check_int("data", "batch_size", self.batch_size)
         if self.source == "codebooks" and not self.path:
             _fail("data", "path", self.path, "a .npy file or directory when source=codebooks")
-        v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            _fail("data", "val_fraction", v, "a number in (0, 1)")
+        _check_fraction("data", "val_fraction", self.val_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
