@@ -165,7 +165,7 @@ def test_layer_jaxpr_has_no_trig_when_off(variant):
         prims = [e.primitive.name for e in all_eqns(jaxpr)]
         assert prims_off is None or prims == prims_off
         prims_off = prims
-    # The brief's exact form, and the check can fail: RoPE on puts sin and cos in.
+    # The documented usage exactly, and the check can fail: RoPE on puts sin and cos in.
     assert trig_ops(jax.make_jaxpr(lambda v, x: off.apply(v, x))(variables, x)) == []
     assert trig_ops(jax.make_jaxpr(lambda v, x: on.apply(v, x))(variables, x)) == ["cos", "sin"]
     for layout in ("interleaved", "half"):

@@ -32,7 +32,7 @@ from ttt_jax.math.ttt import ttt_dual, ttt_primal
 
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
 HEAD_DIM = DIM // HEADS
-# float32 library vs float64 reference, max abs (the brief's bound).
+# float32 library vs float64 reference, max abs (the bound DESIGN.md sets).
 ATOL = 1e-5
 # The inner update must move the reference output by at least this much (>> ATOL), otherwise
 # a comparison could pass with TTT silently disabled.
