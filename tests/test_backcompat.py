@@ -265,30 +265,28 @@ def test_rope_off_ignores_metadata(out_off, apply_layer):
 # --------------------------------------------------------------------------- params and shapes
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "half"])
-def test_layer_same_param_tree_and_output_shape(layout):
-    x = sds((BATCH, LENGTH, DIM))
-    off, on = TTTLayer(ttt_config()), TTTLayer(ttt_config(use_rope=True, rope_layout=layout))
-    v_off = jax.eval_shape(off.init, jax.random.key(0), x)
-    v_on = jax.eval_shape(on.init, jax.random.key(0), x)
+def assert_interchangeable(off, on, inputs, out_shape):
+    """Same param tree and shapes with RoPE off and on; each model accepts the other's params
+    (flax checks names and shapes at apply) and returns ``out_shape`` float32."""
+    v_off = jax.eval_shape(off.init, jax.random.key(0), inputs)
+    v_on = jax.eval_shape(on.init, jax.random.key(0), inputs)
     assert jax.tree.structure(v_off) == jax.tree.structure(v_on)
     assert shapes_of(v_off) == shapes_of(v_on)
-    # Each model accepts the other's params (flax checks names and shapes at apply).
-    outs = [jax.eval_shape(model.apply, v, x) for model in (off, on) for v in (v_off, v_on)]
-    assert all(shapes_of(o) == ((BATCH, LENGTH, DIM), jnp.dtype(jnp.float32)) for o in outs)
+    outs = [jax.eval_shape(model.apply, v, inputs) for model in (off, on) for v in (v_off, v_on)]
+    assert all(shapes_of(o) == (out_shape, jnp.dtype(jnp.float32)) for o in outs)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_layer_same_param_tree_and_output_shape(layout):
+    off, on = TTTLayer(ttt_config()), TTTLayer(ttt_config(use_rope=True, rope_layout=layout))
+    assert_interchangeable(off, on, sds((BATCH, LENGTH, DIM)), (BATCH, LENGTH, DIM))
 
 
 @pytest.mark.parametrize("ttt_type", ["linear", "mlp"])
 def test_model_same_param_tree_and_output_shape(ttt_type):
-    tokens = sds((BATCH, LENGTH), jnp.int32)
     off = TTTLM(model_config(ttt_layer_type=ttt_type))
     on = TTTLM(model_config(ttt_layer_type=ttt_type, use_rope=True))
-    v_off = jax.eval_shape(off.init, jax.random.key(0), tokens)
-    v_on = jax.eval_shape(on.init, jax.random.key(0), tokens)
-    assert jax.tree.structure(v_off) == jax.tree.structure(v_on)
-    assert shapes_of(v_off) == shapes_of(v_on)
-    outs = [jax.eval_shape(model.apply, v, tokens) for model in (off, on) for v in (v_off, v_on)]
-    assert all(shapes_of(o) == ((BATCH, LENGTH, VOCAB), jnp.dtype(jnp.float32)) for o in outs)
+    assert_interchangeable(off, on, sds((BATCH, LENGTH), jnp.int32), (BATCH, LENGTH, VOCAB))
 
 
 def test_rope_off_params_run_in_rope_on_layer(out_off, apply_layer):
