@@ -22,25 +22,22 @@ def main(argv=None) -> int:
                         help="validate the config and the data, print the model size, and exit")
     args = parser.parse_args(argv)
 
-    from ttt_jax import apply_overrides, load_config
+    from ttt_jax import registry
 
-    from ttt_jax.config import RunConfig
-    from ttt_jax.moshi.config import MoshiRunConfig, is_moshi_config
-
-    try:  # `architecture: moshi_ttt` selects the Moshi-TTT hybrid
-        cls = MoshiRunConfig if is_moshi_config(args.config) else RunConfig
-        cfg = apply_overrides(load_config(args.config, cls), args.set)
+    try:  # the YAML's `architecture:` (default ttt_lm) selects the registered architecture
+        cfg = registry.load_run(args.config, args.set)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from ttt_jax.checkpoint import CheckpointError
     from ttt_jax.distributed import maybe_initialize
-    from ttt_jax.trainer import build_datasets, count_params, run
+    from ttt_jax.trainer import run
 
     try:
         if args.check:
-            train_ds, _ = build_datasets(cfg)
-            print(f"config {args.config}: {count_params(cfg.model):,} parameters; "
+            arch = registry.of(cfg)
+            train_ds, _ = arch.build_datasets(cfg)
+            print(f"config {args.config}: {arch.count_params(cfg.model):,} parameters; "
                   f"data {train_ds.describe()['source']} ok")
             return 0
         # Several hosts: join them first (docs/scaling.md); a single process is unchanged.

@@ -111,7 +111,7 @@ def bench_mesh(spec: str, cfg, args) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from ttt_jax import training
+    from ttt_jax import registry, training
     from ttt_jax.models import build_model
     from ttt_jax.sharding import Layout
     from ttt_jax.trainer import _micro_batches
@@ -122,7 +122,7 @@ def bench_mesh(spec: str, cfg, args) -> dict[str, Any]:
     run_cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     model = build_model(cfg.model)
     optimizer = training.make_optimizer(cfg.optim, 1000)
-    init = lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len)  # noqa: E731
+    init = lambda k: registry.of(run_cfg).init_state(run_cfg, optimizer, k)  # noqa: E731
     key = jax.random.PRNGKey(args.seed)
     ds = RandomTokens(cfg.model.vocab_size, cfg.data.batch_size, cfg.data.seq_len, args.seed)
     step_fn = training.make_train_step(model, optimizer)

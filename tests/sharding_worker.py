@@ -70,14 +70,15 @@ def run_meshes(out_dir: Path) -> None:
     from ttt_jax.config import MeshConfig
     from ttt_jax.models.ttt_lm import TTTLM
     from ttt_jax.sharding import Layout
-    from ttt_jax.trainer import _micro_batches, build_datasets
+    from ttt_jax.registry import of
+    from ttt_jax.trainer import _micro_batches
     from ttt_jax.tree import flatten
 
     cfg = base_config()
-    train_ds, _ = build_datasets(cfg)
+    train_ds, _ = of(cfg).build_datasets(cfg)
     model = TTTLM(cfg.model)
     optimizer = training.make_optimizer(cfg.optim, STEPS)
-    init = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))
+    init = jax.jit(lambda k: of(cfg).init_state(cfg, optimizer, k))
     host_init = jax.device_get(init(jax.random.PRNGKey(cfg.train.seed)))
     step_fn = training.make_train_step(model, optimizer)
     ckpt_dir = out_dir / "ckpt_run"

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ttt_jax import ModelConfig, RunConfig, TTTConfig, save_config
+from ttt_jax import ModelConfig, RunConfig, TTTConfig, registry, save_config
 from ttt_jax.checkpoint import CheckpointError, Checkpointer
 from ttt_jax.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 from ttt_jax.trainer import run
@@ -150,17 +150,15 @@ FIXTURE = REPO / "tests" / "fixtures" / "ckpt_v1"
 def test_committed_format_v1_checkpoint_keeps_loading():
     """A checkpoint written by format version 1 (TTT-MLP, RoPE, pre-conv) must keep restoring
     into the model its stored config describes, with the optimizer state, exactly typed."""
-    from ttt_jax import TTTLM, from_dict
-    from ttt_jax import training
+    from ttt_jax import from_dict
     from ttt_jax.checkpoint import FORMAT_VERSION, load_saved
 
     state, meta = load_saved(FIXTURE)
     assert meta["format_version"] == 1 <= FORMAT_VERSION and meta["step"] == 3
     cfg = from_dict(RunConfig, meta["config"])
-    model = TTTLM(cfg.model)
-    optimizer = training.make_optimizer(cfg.optim, cfg.train.steps)
-    target = jax.jit(lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len))(
-        jax.random.PRNGKey(1))
+    arch = registry.of(cfg)
+    optimizer = arch.make_optimizer(cfg)
+    target = jax.jit(lambda k: arch.init_state(cfg, optimizer, k))(jax.random.PRNGKey(1))
     ckpt = Checkpointer(FIXTURE, every=1, keep=1)
     restored, _ = ckpt.restore_latest(target, log=quiet)
     ckpt.close()

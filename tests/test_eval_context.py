@@ -15,6 +15,7 @@ import pytest
 
 from ttt_jax import ModelConfig, RunConfig, TTTConfig, load_config
 from ttt_jax import eval_context as ec
+from ttt_jax import registry
 from ttt_jax.config import DataConfig, TrainConfig, from_dict, to_dict
 from ttt_jax.diagnostics import inner_losses
 from ttt_jax.math.rope import apply_bounded_rope
@@ -260,7 +261,7 @@ def tiny_run(tmp_path_factory):
                     data=DataConfig(source="bytes", seq_len=32, batch_size=2),
                     train=TrainConfig(steps=1, run_dir=str(run_dir)))
     optimizer = training.make_optimizer(cfg.optim, 1)
-    state = jax.jit(lambda k: training.init_state(build_model(cfg.model), optimizer, k, 32))(
+    state = jax.jit(lambda k: registry.of(cfg).init_state(cfg, optimizer, k))(
         jax.random.PRNGKey(0))
     ckpt = Checkpointer(run_dir, every=1, keep=1)
     ckpt.save(state, cfg, force=True)

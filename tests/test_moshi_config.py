@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from ttt_jax.config import RunConfig, load_config, save_config
-from ttt_jax.moshi.config import (MoshiDataConfig, MoshiRunConfig, TTTArgs, is_moshi_config,
+from ttt_jax.moshi.config import (MoshiDataConfig, MoshiRunConfig, TTTArgs,
                                   load_ttt_block)
 from ttt_jax.moshi.data import make_frames_dataset
-from ttt_jax.moshi.train import count_params
+from ttt_jax import registry
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("moshi*.yaml"))
@@ -51,14 +51,14 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_parses_round_trips_and_counts(path, tmp_path):
-    assert is_moshi_config(path)
     cfg = load_config(path, MoshiRunConfig)
+    assert load_config(path) == cfg  # the registry reads `architecture: moshi_ttt`
     out = tmp_path / path.name
     save_config(cfg, out)
     assert load_config(out, MoshiRunConfig) == cfg
     with pytest.raises(ValueError, match="architecture"):
         load_config(path, RunConfig)  # a TTT-LM run config refuses it by name
-    count = count_params(cfg.model)  # jax.eval_shape: nothing allocated
+    count = registry.get("moshi_ttt").count_params(cfg.model)  # jax.eval_shape: nothing allocated
     print(f"{path.name}: {count:,} parameters")
     assert count == expected_param_count(yaml.safe_load(path.read_text())["model"])
 
@@ -69,7 +69,7 @@ def test_7b_preset_is_moshi_7b_with_ttt_in_the_middle():
     assert (t.d_model, t.num_layers, t.num_heads, t.context) == (4096, 32, 32, 3000)
     assert t.hidden_size == 11264 and t.layer_scale is None and t.norm == "rms_norm_f32"
     assert cfg.ttt_layers == tuple(range(8, 24))
-    count = count_params(cfg)
+    count = registry.get("moshi_ttt").count_params(cfg)
     assert 7.5e9 < count < 9e9, count  # 6.6B backbone + 1.1B TTT + streams
 
 
@@ -158,7 +158,7 @@ def test_tiny_preset_trains_through_train_py(tmp_path, train_main):
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (run_dir / "checkpoints").is_dir()
-    assert is_moshi_config(run_dir / "config.yaml")
+    assert isinstance(load_config(run_dir / "config.yaml"), MoshiRunConfig)
 
 
 def test_single_byte_stream():

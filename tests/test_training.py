@@ -28,7 +28,8 @@ def tiny_model():
 def setup():
     model = TTTLM(tiny_model())
     optimizer = training.make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
-    state = jax.jit(lambda k: training.init_state(model, optimizer, k, SEQ))(jax.random.PRNGKey(0))
+    state = jax.jit(lambda k: training.new_state(
+        model.init(k, jnp.zeros((1, SEQ), jnp.int32))["params"], optimizer))(jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (8, SEQ + 1)), jnp.int32)
     return model, optimizer, state, tokens
 

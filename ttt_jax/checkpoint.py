@@ -188,17 +188,71 @@ def merge_params(saved, target, *, strict: bool = False):
     return jax.tree.unflatten(jax.tree.structure(target), leaves), report
 
 
+def resolve(path: str | Path) -> tuple[Path, Optional[int]]:
+    """``(checkpoints directory, step or None for the latest)`` of a user-given path.
+
+    Accepted: ``RUN_DIR``, ``RUN_DIR/checkpoints``, ``RUN_DIR/checkpoints/STEP`` and
+    ``RUN_DIR/STEP`` (a step of ``RUN_DIR``). Raises ``FileNotFoundError`` naming the path and
+    the accepted forms otherwise.
+    """
+    p = Path(path)
+    forms = ("expected RUN_DIR, RUN_DIR/checkpoints, RUN_DIR/checkpoints/STEP or RUN_DIR/STEP")
+    if p.name.isdigit() and not p.exists() and (p.parent / CHECKPOINT_DIR).is_dir():
+        return (p.parent / CHECKPOINT_DIR).resolve(), int(p.name)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: {forms}")
+    if p.is_dir() and p.name.isdigit() and p.parent.name == CHECKPOINT_DIR:
+        return p.parent.resolve(), int(p.name)
+    if (p / CHECKPOINT_DIR).is_dir():
+        return (p / CHECKPOINT_DIR).resolve(), None
+    if p.is_dir() and p.name == CHECKPOINT_DIR:
+        return p.resolve(), None
+    raise FileNotFoundError(f"checkpoint {str(path)!r} is not a recognised checkpoint: {forms}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """A training checkpoint read for inference: its run config, params and step."""
+
+    config: Any
+    params: Any
+    step: int
+    meta: dict
+
+    @property
+    def architecture(self):
+        from ttt_jax import registry
+
+        return registry.of(self.config)
+
+
+def load_run(path: str | Path) -> SavedRun:
+    """The run config (of its architecture), params and step of any checkpoint path that
+    ``resolve`` accepts; errors name the path."""
+    from ttt_jax import registry
+
+    directory, step = resolve(path)
+    state, meta = load_saved(directory, step)
+    if "config" not in meta or "params" not in state:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a training checkpoint of this "
+                              f"project (no config in its meta or no params in its state)")
+    try:
+        cfg = registry.run_config_from_dict(meta["config"], where=f"checkpoint {str(path)!r}")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a config this code cannot read: "
+                              f"{e}") from None
+    return SavedRun(cfg, state["params"], int(meta.get("step", -1)), meta)
+
+
 def load_saved(run_dir: str | Path, step: Optional[int] = None) -> tuple[dict, dict]:
     """Reads a checkpoint's raw state dict and meta without a target (any model's checkpoint).
 
     Args:
-      run_dir: a run directory (holding ``checkpoints/``) or its ``checkpoints`` directory.
-      step: the step to read; the latest by default.
+      run_dir: any path ``resolve`` accepts (a run directory, its ``checkpoints``, or a step).
+      step: the step to read; by default the one the path names, else the latest.
     """
-    path = Path(run_dir).resolve()
-    directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    directory, named = resolve(run_dir)
+    step = named if step is None else step
     manager = ocp.CheckpointManager(directory, item_handlers=_item_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(manager.all_steps())

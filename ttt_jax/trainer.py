@@ -12,41 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax import distributed, sharding, training
+from ttt_jax import diagnostics, distributed, registry, sharding, training
 from ttt_jax.checkpoint import Checkpointer, load_saved, merge_params
 from ttt_jax.config import RunConfig, save_config, to_dict
-from ttt_jax.data import make_dataset
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
-from ttt_jax.models import build_model
-
-
-def build_datasets(cfg: RunConfig):
-    """Train and validation datasets for ``cfg.data``; checks their vocab against the model."""
-    if getattr(cfg, "architecture", None) == "moshi_ttt":  # a Moshi-TTT run: frame data
-        from ttt_jax.moshi.train import build_datasets as moshi_datasets
-        return moshi_datasets(cfg)
-    d = cfg.data
-    common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=d.path,
-                  vocab_size=cfg.model.vocab_size, recall_num_pairs=d.recall_num_pairs,
-                  recall_vocab=d.recall_vocab)
-    if d.source == "tokens":
-        common.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction)
-    train = make_dataset(d.source, batch_size=d.batch_size, split="train", **common)
-    val = make_dataset(d.source, batch_size=d.batch_size, split="val", **common)
-    if train.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is invalid: data source "
-                         f"{d.source!r} needs at least {train.vocab_size}")
-    return train, val
-
-
-def count_params(model_cfg) -> int:
-    """Parameter count of the model, from shapes only (nothing allocated)."""
-    if not hasattr(model_cfg, "vocab_size"):  # a Moshi-TTT model config
-        from ttt_jax.moshi.train import count_params as moshi_count
-        return moshi_count(model_cfg)
-    tokens = jax.ShapeDtypeStruct((1, model_cfg.ttt.mini_batch_size), jnp.int32)
-    shapes = jax.eval_shape(build_model(model_cfg).init, jax.random.PRNGKey(0), tokens)
-    return sum(x.size for x in jax.tree.leaves(shapes))
 
 
 def _micro_batches(ds, step: int, accum: int):
@@ -129,17 +98,15 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if primary:
         save_config(cfg, run_dir / "config.yaml")
-    train_ds, val_ds = build_datasets(cfg)
-    if getattr(cfg, "architecture", None) == "moshi_ttt":  # the Moshi-TTT hybrid's parts
-        from ttt_jax.moshi.train import build_parts
-        model, optimizer, init = build_parts(cfg)
-    else:
-        model = build_model(cfg.model)
-        optimizer = training.make_optimizer(cfg.optim, t.steps)
-        init = lambda k: training.init_state(model, optimizer, k, cfg.data.seq_len)  # noqa: E731
+    arch = registry.of(cfg)
+    arch.check(cfg)
+    train_ds, val_ds = arch.build_datasets(cfg)
+    model = arch.build_model(cfg.model)
+    optimizer = arch.make_optimizer(cfg)
+    init = lambda k: arch.init_state(cfg, optimizer, k)  # noqa: E731
     key = jax.random.PRNGKey(t.seed)
     # cfg.mesh set: state and batches sharded on a device mesh (ttt_jax.sharding).
-    layout = sharding.Layout.from_config(cfg) if getattr(cfg, "mesh", None) is not None else None
+    layout = sharding.Layout.from_config(cfg) if cfg.mesh is not None else None
     if layout is None:
         state = jax.jit(init)(key)
         train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)
@@ -170,6 +137,7 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = Progress(t.steps, tokens_per_step, start_step=first)
     val_loss = start_loss
+    diagnose = (diagnostics.jitted_mean_inner_losses(model) if t.diagnostics_every else None)
     with _StopRequest() as stop:
         for step in range(first, t.steps):
             tokens, mask = (_micro_batches(train_ds, step, t.grad_accum) if layout is None
@@ -178,7 +146,7 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
             done = step + 1
             ckpt.save(state, cfg)
             val_loss = _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds,
-                                     val_loss)
+                                     val_loss, diagnose)
             if stop.signal is not None:
                 ckpt.save(state, cfg, force=True)
                 progress.close()
@@ -197,7 +165,7 @@ def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
             "state": state, "stopped": False}
 
 
-def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val_loss):
+def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val_loss, diagnose):
     """Writes the step's metrics and runs validation when due; returns the latest val loss."""
     t = cfg.train
     if done % t.log_every == 0 or done == t.steps:
@@ -211,9 +179,7 @@ def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val
     if done % t.eval_every == 0 or done == t.steps:
         val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
         metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
-    if t.diagnostics_every and done % t.diagnostics_every == 0 and cfg.model.seq_modeling == "ttt":
-        from ttt_jax.diagnostics import mean_inner_losses
-
-        layers = mean_inner_losses(cfg.model, state.params, val_ds.batch(0)[:, :-1])
+    if diagnose is not None and done % t.diagnostics_every == 0:
+        layers = diagnose(state.params, val_ds.batch(0)[:, :-1])
         metrics.write({"kind": "ttt_diagnostics", "step": done, "layers": layers})
     return val_loss

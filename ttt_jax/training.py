@@ -7,7 +7,7 @@ donated). Gradient accumulation is a ``lax.scan`` over micro-batches inside the 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,32 +49,65 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def trainable_labels(params, pattern: Optional[str]) -> Any:
-    """``"train"`` for leaves whose path matches ``pattern`` (all when None), else ``"freeze"``."""
+FROZEN = "freeze"
+DEFAULT_GROUP = "train"
+
+
+def param_labels(params, pattern: Optional[str] = None,
+                 group_of: Optional[Callable[[str], str]] = None, frozen: Sequence[str] = ()):
+    """The optimizer label of every leaf: its group (``group_of(path)``, or ``"train"``), or
+    ``"freeze"`` when the group is in ``frozen`` or the path does not match ``pattern``."""
     regex = re.compile(pattern) if pattern is not None else None
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "train" if regex is None or regex.search(path_str(p)) else "freeze", params)
+
+    def label(path, _):
+        name = path_str(path)
+        group = group_of(name) if group_of is not None else DEFAULT_GROUP
+        if group in frozen or (regex is not None and not regex.search(name)):
+            return FROZEN
+        return group
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW on the warmup+cosine schedule.
+def make_optimizer(cfg: OptimConfig, total_steps: int, *,
+                   group_of: Optional[Callable[[str], str]] = None,
+                   scales: Optional[Mapping[str, float]] = None,
+                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on the warmup+cosine schedule, per param group.
 
-    With ``cfg.trainable`` set, params whose path does not match are frozen (their updates are
-    zero) via ``optax.multi_transform``; clipping sees only the trained params' gradients.
+    Args:
+      cfg: the ``optim`` section; ``cfg.trainable`` (a path regex) freezes non-matching params.
+      total_steps: length of the schedule.
+      group_of: param path -> group name (an architecture's param groups); ``None``: one group.
+      scales: learning-rate multiplier per group (1 when absent).
+      frozen: groups whose params get no update.
+
+    Frozen params get a zero update (no weight decay either), and clipping sees only the
+    gradients of the trained params. A run with one group and nothing frozen gets the plain
+    ``chain(clip, adamw)``.
     """
-    adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                        eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
-    if cfg.trainable is None:
-        return tx
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
-                                 lambda params: trainable_labels(params, cfg.trainable))
+    schedule = learning_rate_schedule(cfg, total_steps)
+    scales = dict(scales or {})
+
+    def adamw(scale: float):
+        lr = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask)
+
+    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    if group_of is None and cfg.trainable is None and not frozen:
+        return optax.chain(*clip, adamw(scales.get(DEFAULT_GROUP, 1.0)))
+    groups = set(scales) | ({DEFAULT_GROUP} if group_of is None else set())
+    transforms = {g: adamw(scales.get(g, 1.0)) for g in groups}
+    transforms[FROZEN] = optax.set_to_zero()
+    labels = lambda params: param_labels(params, cfg.trainable, group_of, frozen)  # noqa: E731
+    is_frozen = lambda params: jax.tree.map(lambda l: l == FROZEN, labels(params))  # noqa: E731
+    return optax.chain(optax.masked(optax.set_to_zero(), is_frozen), *clip,
+                       optax.multi_transform(transforms, labels))
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array,
-               seq_len: int) -> TrainState:
-    """Initial params (float32) and optimizer state."""
-    params = model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+def new_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0: ``params`` and a fresh optimizer state."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 

@@ -1,8 +1,8 @@
 """Moshi-TTT: Moshi's streaming transformer in Flax, with TTT layers grafted in (DESIGN §2)."""
 
 from ttt_jax.moshi.config import (MoshiDataConfig, MoshiRunConfig, MoshiTransformerConfig,
-                                  MoshiTTTConfig, TTTArgs, is_moshi_config)
+                                  MoshiTTTConfig, TTTArgs)
 from ttt_jax.moshi.hybrid import MoshiTTTLM, StreamingTransformer
 
 __all__ = ["MoshiDataConfig", "MoshiRunConfig", "MoshiTTTConfig", "MoshiTTTLM",
-           "MoshiTransformerConfig", "StreamingTransformer", "TTTArgs", "is_moshi_config"]
+           "MoshiTransformerConfig", "StreamingTransformer", "TTTArgs"]

@@ -5,16 +5,16 @@
 max_period, norm, layer_scale, gating, positional_embedding``). ``TTTArgs`` is the Moshi-TTT
 fine-tuning block (``ttt:`` in the YAML): the public block with ``enable, layers, base_lr,
 mini_batch_size, use_rope, rope_theta`` loads unchanged, the rest are ours. A run YAML carries
-``architecture: moshi_ttt`` at the top level; ``train.py`` dispatches on it.
+``architecture: moshi_ttt`` at the top level (see ``ttt_jax.registry``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import ClassVar, Literal, Optional, get_args
 
-from ttt_jax.config import (CheckpointConfig, DType, OptimConfig, RopeLayout, TTTConfig,
+from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, RopeLayout, TTTConfig,
                             TTTLayerType, TrainConfig, _check_bools, _check_choice,
                             _check_fraction, _check_positive, _fail, from_dict, parse_yaml)
 
@@ -110,7 +110,8 @@ class TTTArgs:
       enable: graft TTT layers at all (``false``: the plain backbone).
       layers: ``none``, ``all``, ``middle`` (layers ``N//4 .. 3N//4 - 1``) or a comma-separated
         list of layer indices such as ``"1,5,9"``.
-      base_lr: the inner learning-rate scale (``TTTConfig.ttt_base_lr``).
+      ttt_base_lr: the inner learning-rate scale (``TTTConfig.ttt_base_lr``); the YAML key
+        ``base_lr`` of the public Moshi-TTT block is read as this field.
       mini_batch_size: ``b``, tokens per inner step and the bounded-RoPE table size.
       use_rope: bounded RoPE on the TTT layer's Q and K (positions ``% b``).
       rope_theta: its base.
@@ -131,9 +132,11 @@ class TTTArgs:
       scan_checkpoint_group: ``TTTConfig.scan_checkpoint_group``.
     """
 
+    YAML_ALIASES: ClassVar[dict[str, str]] = {"base_lr": "ttt_base_lr"}
+
     enable: bool = False
     layers: str = "none"
-    base_lr: float = 1.0
+    ttt_base_lr: float = 1.0
     mini_batch_size: int = 16
     use_rope: bool = False
     rope_theta: float = 10000.0
@@ -156,7 +159,7 @@ class TTTArgs:
         if isinstance(self.layers, bool) or not isinstance(self.layers, (str, int)):
             _fail(s, "layers", self.layers, "none, all, middle or indices like \"1,5,9\"")
         _parse_layer_spec(str(self.layers), None)  # syntax now, range once N is known
-        for name in ("base_lr", "rope_theta", "weight_lr_multiplier", "alpha_lr_multiplier"):
+        for name in ("ttt_base_lr", "rope_theta", "weight_lr_multiplier", "alpha_lr_multiplier"):
             _check_positive(s, name, getattr(self, name))
         value = self.initial_gating_alpha
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -182,7 +185,7 @@ class TTTArgs:
         return TTTConfig(model_dim=d_model, num_heads=heads, mini_batch_size=self.mini_batch_size,
                          ttt_layer_type=self.layer_type, use_rope=self.use_rope,
                          rope_theta=float(self.rope_theta), rope_layout=self.rope_layout,
-                         qk_l2_norm=self.qk_l2_norm, ttt_base_lr=float(self.base_lr),
+                         qk_l2_norm=self.qk_l2_norm, ttt_base_lr=float(self.ttt_base_lr),
                          scan_checkpoint_group=self.scan_checkpoint_group)
 
 
@@ -306,21 +309,13 @@ class MoshiRunConfig:
     data: MoshiDataConfig = MoshiDataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: Optional[MeshConfig] = None
 
     def __post_init__(self):
         _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))
         if self.train.grad_accum and self.data.batch_size % self.train.grad_accum:
             _fail("train", "grad_accum", self.train.grad_accum,
                   f"a divisor of data.batch_size={self.data.batch_size}")
-
-
-def is_moshi_config(path: str | Path) -> bool:
-    """Whether a YAML file declares ``architecture: moshi_ttt`` (False if unreadable)."""
-    try:
-        data = parse_yaml(Path(path).read_text())
-    except Exception:  # noqa: BLE001 -- the regular loader reports unreadable files
-        return False
-    return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE
 
 
 def load_ttt_args(data) -> TTTArgs:

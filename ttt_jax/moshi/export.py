@@ -84,12 +84,13 @@ def load_torch(in_dir: str | Path) -> tuple[MoshiTTTConfig, dict]:
 def import_moshi(weights: str | Path, run_cfg: MoshiRunConfig, out_run_dir: str | Path, *,
                  prefix: str = "", seed: int = 0, print_fn=print) -> Path:
     """A run directory (step 0) whose params are ``weights``' backbone plus new TTT layers."""
+    from ttt_jax import registry
     from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.moshi.train import build_parts
 
     cfg = run_cfg.model
-    _, optimizer, init = build_parts(run_cfg)
-    state = jax.jit(init)(jax.random.PRNGKey(seed))
+    arch = registry.of(run_cfg)
+    optimizer = arch.make_optimizer(run_cfg)
+    state = jax.jit(lambda k: arch.init_state(run_cfg, optimizer, k))(jax.random.PRNGKey(seed))
     transformer, kept = from_state_dict(cfg, load_safetensors(weights), state.params["transformer"],
                                         scope="transformer", prefix=prefix, require_ttt=False)
     params = {**state.params, "transformer": transformer}

@@ -141,6 +141,8 @@ class TTTLayer(nn.Module):
         Returns: ``[B, L, model_dim]`` in the compute dtype.
         """
         xq, xk, xv, lr = self.ttt_inputs(x, metadata)
+        # Kept only when the caller makes `intermediates` mutable (ttt_jax.diagnostics).
+        self.sow("intermediates", "ttt_inputs", (xq, xk, xv, lr))
         out, _ = ttt_dual(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
                           self.ttt_norm_weight, self.ttt_norm_bias,
                           checkpoint_group=self.config.scan_checkpoint_group)

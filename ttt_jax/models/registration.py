@@ -1,0 +1,48 @@
+"""The causal LMs in the architecture registry: ``ttt_lm`` and the ``attention_lm`` baseline.
+
+Both read a ``RunConfig``; the baseline is the same skeleton with ``model.seq_modeling: swa``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ttt_jax.config import ModelConfig, RunConfig
+from ttt_jax.data import make_dataset
+from ttt_jax.models import build_model
+from ttt_jax.registry import Architecture, register
+
+
+def sample_tokens(cfg: ModelConfig, batch: int, length: int):
+    """Zero token ids ``[batch, length]``."""
+    del cfg
+    return jnp.zeros((batch, length), jnp.int32)
+
+
+def build_datasets(cfg: RunConfig):
+    """Train and validation datasets for ``cfg.data``; checks their vocab against the model."""
+    d = cfg.data
+    common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=d.path,
+                  vocab_size=cfg.model.vocab_size, recall_num_pairs=d.recall_num_pairs,
+                  recall_vocab=d.recall_vocab)
+    if d.source == "tokens":
+        common.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction)
+    train = make_dataset(d.source, batch_size=d.batch_size, split="train", **common)
+    val = make_dataset(d.source, batch_size=d.batch_size, split="val", **common)
+    if train.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is invalid: data source "
+                         f"{d.source!r} needs at least {train.vocab_size}")
+    return train, val
+
+
+TTT_LM = register(Architecture(
+    name="ttt_lm", run_config=RunConfig, build_model=build_model, sample_input=sample_tokens,
+    build_datasets=build_datasets,
+    features=frozenset({"diagnostics", "generate", "export", "eval", "mesh"}),
+    description="the TTT-LM (ttt-lm-pytorch's TTTForCausalLM)"))
+
+ATTENTION_LM = register(Architecture(
+    name="attention_lm", run_config=RunConfig, build_model=build_model,
+    sample_input=sample_tokens, build_datasets=build_datasets,
+    features=frozenset({"eval", "mesh"}),
+    description="the causal LM with sliding-window attention (a baseline)"))

@@ -1,0 +1,59 @@
+"""The Moshi-TTT hybrid in the architecture registry (``architecture: moshi_ttt``).
+
+Param groups for the optimizer (``param_group``): ``alpha`` (every ``forward_ssm_gating``),
+``ttt`` (everything else under a ``seq_modeling_block``) and ``backbone`` (the rest), with the
+learning-rate multipliers ``ttt.weight_lr_multiplier`` / ``ttt.alpha_lr_multiplier``;
+``ttt.freeze_backbone`` freezes the backbone group. A Moshi backbone enters a run through
+``checkpoint.init_from``: convert its weights into a run directory first with
+``python -m ttt_jax.moshi.export import``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
+from ttt_jax.moshi.data import make_frames_dataset
+from ttt_jax.moshi.hybrid import MoshiTTTLM
+from ttt_jax.registry import Architecture, register
+
+GROUPS = ("backbone", "ttt", "alpha")
+
+
+def param_group(path: str) -> str:
+    """``alpha``, ``ttt`` or ``backbone`` for an ``a/b/c`` param path."""
+    parts = path.split("/")
+    if "forward_ssm_gating" in parts:
+        return "alpha"
+    if "seq_modeling_block" in parts:
+        return "ttt"
+    return "backbone"
+
+
+def sample_tokens(cfg: MoshiTTTConfig, batch: int, length: int):
+    """Zero token ids of the model's input shape ``[B, T, K]``."""
+    return jnp.zeros((batch, length, cfg.num_streams), jnp.int32)
+
+
+def build_datasets(cfg: MoshiRunConfig):
+    """Train and validation frame datasets."""
+    common = dict(vocab_sizes=cfg.model.vocab_sizes, seed=cfg.train.seed)
+    return (make_frames_dataset(cfg.data, split="train", **common),
+            make_frames_dataset(cfg.data, split="val", **common))
+
+
+def lr_scales(cfg: MoshiRunConfig) -> dict[str, float]:
+    ttt = cfg.model.ttt
+    return {"backbone": 1.0, "ttt": ttt.weight_lr_multiplier, "alpha": ttt.alpha_lr_multiplier}
+
+
+def frozen_groups(cfg: MoshiRunConfig) -> tuple[str, ...]:
+    return ("backbone",) if cfg.model.ttt.freeze_backbone else ()
+
+
+MOSHI_TTT = register(Architecture(
+    name="moshi_ttt", run_config=MoshiRunConfig, build_model=MoshiTTTLM,
+    sample_input=sample_tokens, build_datasets=build_datasets,
+    features=frozenset({"diagnostics", "eval"}),
+    param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
+    description="Moshi's streaming transformer with TTT layers grafted in"))
