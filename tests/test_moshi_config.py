@@ -56,8 +56,8 @@ def test_preset_parses_round_trips_and_counts(path, tmp_path):
     out = tmp_path / path.name
     save_config(cfg, out)
     assert load_config(out, MoshiRunConfig) == cfg
-    with pytest.raises(ValueError, match="architecture"):
-        load_config(path, RunConfig)  # a TTT-LM run config refuses it by name
+    with pytest.raises(ValueError, match="unknown key.*transformer"):
+        load_config(path, RunConfig)  # a TTT-LM run config refuses the Moshi model section
     count = registry.get("moshi_ttt").count_params(cfg.model)  # jax.eval_shape: nothing allocated
     print(f"{path.name}: {count:,} parameters")
     assert count == expected_param_count(yaml.safe_load(path.read_text())["model"])
@@ -75,7 +75,7 @@ def test_7b_preset_is_moshi_7b_with_ttt_in_the_middle():
 
 def test_moshi_ttt_block_file_loads_unchanged(tmp_path):
     args = load_ttt_block(REPO / "configs" / "ttt_with_rope_example.yaml")
-    assert args == TTTArgs(enable=True, layers="middle", base_lr=1.0, mini_batch_size=16,
+    assert args == TTTArgs(enable=True, layers="middle", ttt_base_lr=1.0, mini_batch_size=16,
                            use_rope=True, rope_theta=10000.0)
     assert args.layer_indices(32) == tuple(range(8, 24))
     # The block inside a larger fine-tuning YAML, without the RoPE keys: off, theta 10000.
@@ -146,9 +146,13 @@ def test_bad_layer_index_in_yaml_names_the_field(tmp_path, train_main, capsys):
 
 
 def test_tiny_preset_trains_through_train_py(tmp_path, train_main):
+    """A Moshi-TTT run trains, checkpoints and logs the inner-loss diagnostics of its grafted
+    layers (the same extraction as the TTT-LM's, which tests/test_eval_context.py checks against
+    numpy)."""
     run_dir = tmp_path / "run"
     code = train_main(["--config", str(REPO / "configs" / "moshi_ttt_tiny.yaml"),
                        "--set", "train.steps=2", "--set", "data.seq_len=16",
+                       "--set", "train.diagnostics_every=1",
                        "--set", "model.transformer.num_layers=2",  # TTT in layer 0 only
                        "--set", "model.ttt.layer_type=linear",  # the cheapest to compile
                        "--set", "train.eval_batches=1", "--set", "train.log_every=1",
@@ -157,6 +161,11 @@ def test_tiny_preset_trains_through_train_py(tmp_path, train_main):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    diagnostics = [r for r in records if r["kind"] == "ttt_diagnostics"]
+    assert [r["step"] for r in diagnostics] == [1, 2]
+    for r in diagnostics:  # one grafted layer: layer 0 of 2 (`middle`)
+        assert len(r["layers"]) == 1 and set(r["layers"][0]) == {"w0", "before", "after"}
+        assert all(np.isfinite(v) and v > 0 for v in r["layers"][0].values())
     assert (run_dir / "checkpoints").is_dir()
     assert isinstance(load_config(run_dir / "config.yaml"), MoshiRunConfig)
 
