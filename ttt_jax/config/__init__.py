@@ -5,8 +5,8 @@ field, the bad value and what is allowed (``checks``); ``model`` holds the TTT l
 TTT-LM, ``run`` the training sections, ``yaml_io`` the strict YAML round trip and overrides.
 """
 
-from ttt_jax.config.checks import (_check_bools, _check_choice, _check_fraction, _check_positive,
-                                   _check_positive_ints, _fail)
+from ttt_jax.config.checks import (_check_bools, _check_choice, _check_fraction, _check_int,
+                                   _check_positive, _check_positive_ints, _fail)
 from ttt_jax.config.model import (MLP_EXPANSION, DType, ModelConfig, RopeLayout, SeqModeling,
                                   TTTConfig, TTTLayerType)
 from ttt_jax.config.run import (MESH_AXES, CheckpointConfig, DataConfig, DataSource, MeshConfig,

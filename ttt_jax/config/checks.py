@@ -37,9 +37,13 @@ def _check_fraction(section: str, field: str, value: Any) -> None:
         _fail(section, field, value, "a number in (0, 1)")
 
 
+def _check_int(section: str, name: str, value: Any, minimum: int = 1) -> None:
+    """An integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(section, name, value, f"an integer >= {minimum}")
+
+
 def _check_positive_ints(section: str, cfg: Any, names: tuple[str, ...], minimum: int = 1):
     for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            _fail(section, name, value, f"an integer >= {minimum}")
+        _check_int(section, name, getattr(cfg, name), minimum)
 

@@ -245,13 +245,18 @@ class RunConfig:
         if self.architecture == "attention_lm" and self.model.seq_modeling != "swa":
             _fail("model", "seq_modeling", self.model.seq_modeling,
                   "'swa' with architecture: attention_lm (or architecture: ttt_lm)")
-        if self.data.batch_size % self.train.grad_accum:
-            _fail("train", "grad_accum", self.train.grad_accum,
-                  f"a divisor of data.batch_size={self.data.batch_size}")
-        if self.mesh is not None:
-            if not isinstance(self.mesh, MeshConfig):
-                _fail("run", "mesh", self.mesh, "a MeshConfig or None")
-            check_batch_fits_mesh(self, self.mesh.data, self.mesh.fsdp)
+        check_run_sections(self)
+
+
+def check_run_sections(cfg) -> None:
+    """Checks across the sections every run config has (``data``, ``train``, ``mesh``)."""
+    if cfg.data.batch_size % cfg.train.grad_accum:
+        _fail("train", "grad_accum", cfg.train.grad_accum,
+              f"a divisor of data.batch_size={cfg.data.batch_size}")
+    if cfg.mesh is not None:
+        if not isinstance(cfg.mesh, MeshConfig):
+            _fail("run", "mesh", cfg.mesh, "a MeshConfig or None")
+        check_batch_fits_mesh(cfg, cfg.mesh.data, cfg.mesh.fsdp)
 
 
 def check_batch_fits_mesh(cfg: "RunConfig", data: int, fsdp: int) -> None:

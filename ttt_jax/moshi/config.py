@@ -14,9 +14,11 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar, Literal, Optional, get_args
 
+from ttt_jax.config.run import check_run_sections
 from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, RopeLayout, TTTConfig,
                             TTTLayerType, TrainConfig, _check_bools, _check_choice,
-                            _check_fraction, _check_positive, _fail, from_dict, parse_yaml)
+                            _check_fraction, _check_int, _check_positive, _fail, from_dict,
+                            parse_yaml)
 
 ARCHITECTURE = "moshi_ttt"
 NormType = Literal["rms_norm", "rms_norm_f32"]
@@ -26,11 +28,6 @@ MoshiDataSource = Literal["bytes", "codebooks", "synthetic"]
 
 # moshi's create_norm_fn: RMSNorm eps 1e-5 ("rms_norm") and 1e-8 in float32 ("rms_norm_f32").
 NORM_EPS = {"rms_norm": 1e-5, "rms_norm_f32": 1e-8}
-
-
-def _check_int(section: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(section, name, value, f"an integer >= {minimum}")
 
 
 def ffn_hidden_size(d_model: int, dim_feedforward: int) -> int:
@@ -313,9 +310,7 @@ class MoshiRunConfig:
 
     def __post_init__(self):
         _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))
-        if self.train.grad_accum and self.data.batch_size % self.train.grad_accum:
-            _fail("train", "grad_accum", self.train.grad_accum,
-                  f"a divisor of data.batch_size={self.data.batch_size}")
+        check_run_sections(self)
 
 
 def load_ttt_args(data) -> TTTArgs:
