@@ -17,6 +17,13 @@ def layer_norm(x: Float[Array, "*S f"], weight: Float[Array, "*W f"], bias: Floa
     return (x - mu) * jnp.reciprocal(jnp.sqrt(var + eps)) * weight + bias
 
 
+def layer_norm_l2_loss(z: Float[Array, "*S f"], target: Float[Array, "*S f"],
+                       weight: Float[Array, "*W f"], bias: Float[Array, "*W f"],
+                       eps: float = TTT_NORM_EPS) -> Float[Array, "*S"]:
+    """``0.5 * ||LN(z) - target||^2`` over the last axis (its gradient: ``layer_norm_l2_grad``)."""
+    return 0.5 * jnp.sum(jnp.square(layer_norm(z, weight, bias, eps) - target), axis=-1)
+
+
 def layer_norm_l2_grad(z: Float[Array, "*S f"], target: Float[Array, "*S f"],
                        weight: Float[Array, "*W f"], bias: Float[Array, "*W f"],
                        eps: float = TTT_NORM_EPS) -> Float[Array, "*S f"]:
