@@ -38,11 +38,46 @@ def _swap(x: Array) -> Array:
     return jnp.swapaxes(x, -1, -2)
 
 
+def _dual_outputs(state: InnerState, acts, gs, xq, lr, tok, m1=None, acc=None):
+    """Pre-LN outputs of one mini-batch frame in the dual form.
+
+    Token ``i`` reads the weights ``state - tok[i] * (acc + sum_{j<=i} lr_j grad_j)``, every
+    gradient taken at ``state`` (``acts, gs`` from ``inner.loss_grads`` on the frame's keys).
+
+    Args:
+      state: ``[B, H, ...]`` weights; acts, gs: per layer ``[B, H, b, .]``.
+      xq: ``[B, H, b, f]``; lr: ``[B, H, b]``; tok: ``[b]``.
+      m1: ``[B, H, b, b]`` the first layer's mask ``tril(eta * (xq xk^T + 1))`` if precomputed.
+      acc: ``[B, H, ...]`` gradients accumulated before the frame, or None (none).
+
+    Returns:
+      ``z_bar: [B, H, b, f]``.
+    """
+    eta = None
+    xbar = xq
+    for i, ((w, bias), a, g) in enumerate(zip(state, acts, gs)):
+        if i == 0 and m1 is not None:
+            m = m1
+        else:  # queries of later layers depend on the state: build the mask here
+            if eta is None:
+                eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
+            m = eta * (mm(xbar, _swap(a)) + 1.0)
+        z_bar = mm(xbar, w) + bias  # [B, H, b, f_out]
+        if acc is not None:
+            aw, ab = acc[i]
+            z_bar = z_bar - tok[:, None] * (mm(xbar, aw) + ab)
+        z_bar = z_bar - mm(m, g)
+        if i + 1 < len(state):
+            xbar = inner.gelu_tanh(z_bar)
+    return z_bar
+
+
 def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
     """One mini-batch in the dual form.
 
     Args:
-      state: inner weights at the mini-batch start, ``W: [B, H, f_in, f_out]``, ``b: [B, H, 1, f_out]``.
+      state: inner weights at the mini-batch start, ``W: [B, H, f_in, f_out]``,
+        ``bias: [B, H, 1, f_out]``.
       xq, xk, xv: ``[B, H, b, f]``.
       lr: ``[B, H, b]`` per-token learning rates.
       m1: ``[B, H, b, b]`` = ``tril(eta * (xq xk^T + 1))``, precomputed outside the scan.
@@ -52,21 +87,9 @@ def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
     Returns:
       ``(state', z_bar)``: the state after the mini-batch and the pre-LN outputs ``[B, H, b, f]``.
     """
-    acts, zs = inner.forward(state, xk)
-    gs = inner.grads(state, zs, xv - xk, ln_weight, ln_bias)
-    eta_last = (tok[-1] * lr)[..., None, :]  # [B, H, 1, b]
-    xbar, new_state = xq, []
-    for i, ((w, b), a, g) in enumerate(zip(state, acts, gs)):
-        if i == 0:
-            m = m1
-        else:  # later layers see queries that depend on the state: build the mask here
-            eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
-            m = eta * (mm(xbar, _swap(a)) + 1.0)
-        z_bar = mm(xbar, w) + b - mm(m, g)  # [B, H, b, f_out]
-        if i + 1 < len(state):
-            xbar = inner.gelu_tanh(z_bar)
-        new_state.append((w - mm(_swap(a) * eta_last, g), b - mm(eta_last, g)))
-    return tuple(new_state), z_bar
+    acts, _, gs = inner.loss_grads(state, xk, xv, ln_weight, ln_bias)
+    z_bar = _dual_outputs(state, acts, gs, xq, lr, tok, m1=m1)
+    return inner.step(state, acts, gs, tok[-1] * lr), z_bar
 
 
 def _scan(step: Callable, carry, xs, group: int):
@@ -90,7 +113,7 @@ def _scan(step: Callable, carry, xs, group: int):
     if n % group:
         tail = jax.tree.map(lambda x: x[g * group:], xs)
         carry, ys_tail = jax.lax.scan(step, carry, tail)
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+        ys = jax.tree.map(lambda y, y_tail: jnp.concatenate([y, y_tail]), ys, ys_tail)
     return carry, ys
 
 
@@ -115,7 +138,7 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
     """TTT over a whole sequence in the dual form.
 
     Args:
-      params: initial inner weights per head, ``W: [H, f_in, f_out]``, ``b: [H, 1, f_out]``.
+      params: initial inner weights per head, ``W: [H, f_in, f_out]``, ``bias: [H, 1, f_out]``.
       xq, xk, xv: ``[B, H, L, f]`` float32.
       lr: ``[B, H, L]`` per-token learning rates ``ttt_base_lr * sigmoid(.) / f``.
       learnable_token_idx: ``[b]``; its length is the mini-batch size.
@@ -165,14 +188,12 @@ def primal_token_step(carry, x, tok, ln_weight, ln_bias):
     """
     state0, acc, idx = carry
     xq, xk, xv = (v[..., None, :] for v in x[:3])  # [B, H, 1, f]
-    lr = x[3][..., None, None]  # [B, H, 1, 1]
-    acts, zs = inner.forward(state0, xk)
-    gs = inner.grads(state0, zs, xv - xk, ln_weight, ln_bias)
-    acc = tuple((aw + lr * mm(_swap(a), g), ab + lr * g)
-                for (aw, ab), a, g in zip(acc, acts, gs))
+    lr = x[3][..., None]  # [B, H, 1]: a mini-batch of one token
+    acts, _, gs = inner.loss_grads(state0, xk, xv, ln_weight, ln_bias)
+    acc = inner.accumulate(acc, inner.weighted_grad_sums(acts, gs, lr))
     per_row = jnp.shape(idx) + (1, 1, 1)  # a scalar index, or one per batch element [B]
     t = tok[idx].reshape(per_row)
-    state_i = tuple((w - t * aw, b - t * ab) for (w, b), (aw, ab) in zip(state0, acc))
+    state_i = inner.apply_update(state0, acc, t)
     _, zq = inner.forward(state_i, xq)
     last = (idx == tok.shape[0] - 1).reshape(per_row)
     state0 = jax.tree.map(lambda new, old: jnp.where(last, new, old), state_i, state0)
@@ -222,19 +243,9 @@ def _dual_step_acc(state0, acc, xq, xk, xv, lr, tok, ln_weight, ln_bias):
     Returns:
       ``(acc', z_bar)``: the accumulator after the frame and the pre-LN outputs ``[B, H, b, f]``.
     """
-    acts, zs = inner.forward(state0, xk)
-    gs = inner.grads(state0, zs, xv - xk, ln_weight, ln_bias)
-    eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
-    t = tok[:, None]  # [b, 1]
-    xbar, new_acc = xq, []
-    for i, ((w, b), (aw, ab), a, g) in enumerate(zip(state0, acc, acts, gs)):
-        m = eta * (mm(xbar, _swap(a)) + 1.0)
-        z_bar = mm(xbar, w) + b - t * (mm(xbar, aw) + ab) - mm(m, g)
-        if i + 1 < len(state0):
-            xbar = inner.gelu_tanh(z_bar)
-        lr_row = lr[..., None, :]  # [B, H, 1, b]
-        new_acc.append((aw + mm(_swap(a) * lr_row, g), ab + mm(lr_row, g)))
-    return tuple(new_acc), z_bar
+    acts, _, gs = inner.loss_grads(state0, xk, xv, ln_weight, ln_bias)
+    z_bar = _dual_outputs(state0, acts, gs, xq, lr, tok, acc=acc)
+    return inner.accumulate(acc, inner.weighted_grad_sums(acts, gs, lr)), z_bar
 
 
 def ttt_stream(state0: InnerState, acc: InnerState, phase, xq, xk, xv, lr, lengths,
@@ -284,7 +295,7 @@ def ttt_stream(state0: InnerState, acc: InnerState, phase, xq, xk, xv, lr, lengt
         *frame, done = x
         a1, z_bar = _dual_step_acc(w0, a0, *frame, tok, lnw, lnb)
         done = done[:, None, None, None]
-        w1 = tuple((w - tok[-1] * aw, bb - tok[-1] * ab) for (w, bb), (aw, ab) in zip(w0, a1))
+        w1 = inner.apply_update(w0, a1, tok[-1])
         w0 = jax.tree.map(lambda new, old: jnp.where(done, new, old), w1, w0)
         a0 = jax.tree.map(lambda a: jnp.where(done, jnp.zeros_like(a), a), a1)
         return (w0, a0), z_bar
