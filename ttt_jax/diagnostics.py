@@ -36,18 +36,13 @@ def reconstruction_loss(state, xk, xv, ln_weight, ln_bias):
 
     ``ln_weight``/``ln_bias`` are ``[H, 1, f]``; ``state`` holds ``[B, H, ...]`` weights.
     """
-    _, zs = inner.forward(state, xk)
-    pred = layer_norm(zs[-1], ln_weight, ln_bias)
-    return 0.5 * jnp.sum(jnp.square(pred - (xv - xk)), axis=-1)
+    return inner.loss(state, xk, xv, ln_weight, ln_bias)
 
 
 def _update(state, xk, xv, lr, tok, ln_weight, ln_bias):
     """The state after one mini-batch (DESIGN §1.6): ``W' = W - (eta_last^T * XK)^T G``."""
-    acts, zs = inner.forward(state, xk)
-    gs = inner.grads(state, zs, xv - xk, ln_weight, ln_bias)
-    eta_last = (tok[-1] * lr)[..., None, :]  # [B, H, 1, b]
-    return tuple((w - mm(jnp.swapaxes(a, -1, -2) * eta_last, g), b - mm(eta_last, g))
-                 for (w, b), a, g in zip(state, acts, gs))
+    acts, _, gs = inner.loss_grads(state, xk, xv, ln_weight, ln_bias)
+    return inner.step(state, acts, gs, tok[-1] * lr)
 
 
 def inner_losses(params, xq, xk, xv, lr, learnable_token_idx, ln_weight, ln_bias):
