@@ -1,23 +1,32 @@
-"""Long-context evaluation: the CLI on a tiny checkpoint, chunked == one-shot scoring, position
-buckets, recall at distance, the TTT inner-loss diagnostics against a naive numpy computation,
-the unbounded-RoPE ablation, the sliding-window attention baseline and the experiment configs.
+"""Long-context evaluation (``ttt_jax.evals``): the CLI on a tiny checkpoint, the options,
+chunked == one-shot scoring, position buckets, recall at distance, a Moshi-TTT run's loss by
+position against one full forward, the TTT inner-loss diagnostics against a naive numpy
+computation, the unbounded-RoPE ablation, the sliding-window attention baseline and the
+experiment configs.
+
+Params are drawn on the host from the models' param shapes (no compiled init), so the compiled
+functions are the ones under test.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from ttt_jax import ModelConfig, RunConfig, TTTConfig, load_config
-from ttt_jax import eval_context as ec
+from ttt_jax import ModelConfig, RunConfig, TTTConfig, evals, load_config
 from ttt_jax import registry
-from ttt_jax.config import DataConfig, TrainConfig, from_dict, to_dict
+from ttt_jax.config import DataConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from ttt_jax.diagnostics import inner_losses
+from ttt_jax.evals import cli
 from ttt_jax.math.rope import apply_bounded_rope
 from ttt_jax.math.ttt import ttt_dual
 from ttt_jax.models import build_model
@@ -26,6 +35,10 @@ from ttt_jax.models.attention_lm import AttentionLM, context_needed, sliding_win
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 DIM, HEADS, MINI_BATCH, VOCAB = 16, 2, 4, 256
+TTT_LM, ATTENTION_LM = registry.get("ttt_lm"), registry.get("attention_lm")
+# Host-drawn params: values around the initialisers' (norm gains near 1, the gating alpha
+# near its initial 0.1, the rest small).
+CENTRES = {"alpha": 1.0, "scale": 1.0, "ttt_norm_weight": 1.0, "gating_alpha": 0.1}
 
 
 def model_config(**kw):
@@ -35,9 +48,27 @@ def model_config(**kw):
                        intermediate_size=32, ttt=TTTConfig(**ttt), **kw)
 
 
-def init_params(cfg, length=8, seed=0):
-    tokens = jnp.zeros((1, length), jnp.int32)
-    return jax.jit(build_model(cfg).init)(jax.random.PRNGKey(seed), tokens)["params"]
+def host_params(arch, model_cfg, seed=0, std=0.1):
+    """Params of ``arch.build_model(model_cfg)`` drawn with numpy (nothing compiled)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        centre = CENTRES.get(path[-1].key, 0.0)
+        return jnp.asarray(centre + std * rng.standard_normal(s.shape).astype(np.float32))
+
+    return jax.tree_util.tree_map_with_path(draw, arch.param_shapes(model_cfg))
+
+
+def save_run(run_dir, cfg, params):
+    """A training checkpoint at step 0 of ``cfg`` holding ``params`` (as the trainer saves)."""
+    from ttt_jax import training
+    from ttt_jax.checkpoint import Checkpointer
+
+    state = training.new_state(params, registry.of(cfg).make_optimizer(cfg))
+    ckpt = Checkpointer(run_dir, every=1, keep=1)
+    ckpt.save(state, cfg, force=True)
+    ckpt.close()
+    return run_dir
 
 
 def random_tokens(shape, vocab=VOCAB, seed=0):
@@ -48,16 +79,35 @@ def random_tokens(shape, vocab=VOCAB, seed=0):
 
 
 def test_parse_sizes():
-    assert ec.parse_sizes("512,1k,2K,1k", "lengths") == [512, 1024, 2048]
-    assert ec.parse_size("1m") == 1 << 20
+    assert evals.parse_sizes("512,1k,2K,1k", "--lengths") == (512, 1024, 2048)
+    assert evals.parse_size("1m") == 1 << 20
     for bad in ("0", "-3", "1g", "abc", ""):
-        with pytest.raises(ec.EvalError, match="length"):
-            ec.parse_size(bad)
+        with pytest.raises(ValueError, match="length"):
+            evals.parse_size(bad)
+    with pytest.raises(ValueError, match="--lengths: entry '1x'"):
+        evals.parse_sizes("512,1x", "--lengths")
+
+
+def test_options_are_validated_and_name_the_option():
+    opts = evals.EvalOptions(lengths=[96, 32, 32], recall_distances=(30, 4))
+    assert opts.lengths == (32, 96) and opts.longest == 96 and opts.recall_distances == (4, 30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.chunk = 3
+    for kwargs, named in ((dict(num_sequences=0), "num_sequences=0 (--num-sequences)"),
+                          (dict(batch=True), "batch=True (--batch)"),
+                          (dict(chunk=-1), "chunk=-1 (--chunk)"),
+                          (dict(lengths=()), "lengths=() (--lengths)"),
+                          (dict(lengths="512"), "lengths='512' (--lengths)"),
+                          (dict(recall_distances=[1, 8]), "recall_distances=[1, 8]"),
+                          (dict(recall="yes"), "recall='yes' (--recall)"),
+                          (dict(diagnostics_length=0), "diagnostics_length=0")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            evals.EvalOptions(**kwargs)
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 100, 128, 1000, 8192])
 def test_buckets_are_monotone_and_cover_every_position(length):
-    buckets = ec.position_buckets(length)
+    buckets = evals.position_buckets(length)
     assert buckets[0][0] == 0 and buckets[-1][1] == length
     for (s0, e0), (s1, e1) in zip(buckets, buckets[1:]):
         assert e0 == s1
@@ -67,8 +117,8 @@ def test_buckets_are_monotone_and_cover_every_position(length):
 
 
 def test_default_recall_distances_reach_16x():
-    assert ec.default_recall_distances(256) == [4, 16, 64, 256, 1024, 4096]
-    assert max(ec.default_recall_distances(100)) == 1600
+    assert evals.default_recall_distances(256) == [4, 16, 64, 256, 1024, 4096]
+    assert max(evals.default_recall_distances(100)) == 1600
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -78,14 +128,14 @@ def test_default_recall_distances_reach_16x():
 def unbounded_ttt():
     """A TTT-LM with plain RoPE: chunked scoring is exact only if positions carry over."""
     cfg = model_config(ttt=dict(use_rope=True, rope_bounded=False, rope_theta=50.0))
-    return cfg, init_params(cfg)
+    return cfg, host_params(TTT_LM, cfg)
 
 
 def test_chunked_equals_one_shot_ttt(unbounded_ttt):
     cfg, params = unbounded_ttt
     tokens = random_tokens((2, 43))  # chunks of 6 start at every phase of the mini-batch (b=4)
-    full_loss, full_pred = ec.Scorer(cfg, params, chunk=0).score(tokens)
-    loss, pred = ec.Scorer(cfg, params, chunk=6).score(tokens)
+    full_loss, full_pred = evals.Scorer(TTT_LM, cfg, params, chunk=0).score(tokens)
+    loss, pred = evals.Scorer(TTT_LM, cfg, params, chunk=6).score(tokens)
     assert loss.shape == pred.shape == (2, 42)
     np.testing.assert_allclose(loss, full_loss, atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(pred, full_pred)
@@ -93,10 +143,10 @@ def test_chunked_equals_one_shot_ttt(unbounded_ttt):
 
 def test_chunked_equals_one_shot_swa():
     cfg = model_config(seq_modeling="swa", attention_window=5, pre_conv=True)
-    params = init_params(cfg)
+    params = host_params(ATTENTION_LM, cfg)
     tokens = random_tokens((2, 41), seed=1)
-    full_loss, _ = ec.Scorer(cfg, params, chunk=0).score(tokens)
-    loss, _ = ec.Scorer(cfg, params, chunk=7).score(tokens)
+    full_loss, _ = evals.Scorer(ATTENTION_LM, cfg, params, chunk=0).score(tokens)
+    loss, _ = evals.Scorer(ATTENTION_LM, cfg, params, chunk=7).score(tokens)
     np.testing.assert_allclose(loss, full_loss, atol=2e-5, rtol=1e-5)
     # 2 layers x (window - 1 + conv_kernel - 1): one window is not enough
     assert context_needed(cfg) == 14
@@ -253,32 +303,24 @@ def test_inner_losses_match_naive_numpy():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A checkpoint of an untrained tiny byte-level TTT-LM with bounded RoPE (no training)."""
-    from ttt_jax import training
-    from ttt_jax.checkpoint import Checkpointer
-
     run_dir = tmp_path_factory.mktemp("run")
     cfg = RunConfig(model=model_config(ttt=dict(use_rope=True)),
                     data=DataConfig(source="bytes", seq_len=32, batch_size=2),
                     train=TrainConfig(steps=1, run_dir=str(run_dir)))
-    optimizer = training.make_optimizer(cfg.optim, 1)
-    state = jax.jit(lambda k: registry.of(cfg).init_state(cfg, optimizer, k))(
-        jax.random.PRNGKey(0))
-    ckpt = Checkpointer(run_dir, every=1, keep=1)
-    ckpt.save(state, cfg, force=True)
-    ckpt.close()
-    return run_dir
+    return save_run(run_dir, cfg, host_params(TTT_LM, cfg.model, seed=1))
 
 
 def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "eval"
     # few shapes, few compilations: every forward pass is [2, 32] tokens
-    rc = ec.main(["--checkpoint", str(tiny_run), "--lengths", "32,96", "--chunk", "32",
-                  "--num-sequences", "2", "--ttt-diagnostics", "--diagnostics-length", "24",
-                  "--recall", "--recall-distances", "4,30", "--recall-samples", "2",
-                  "--out", str(out)])
+    rc = cli.main(["--checkpoint", str(tiny_run), "--lengths", "32,96", "--chunk", "32",
+                   "--num-sequences", "2", "--ttt-diagnostics", "--diagnostics-length", "24",
+                   "--recall", "--recall-distances", "4,30", "--recall-samples", "2",
+                   "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "eval_context.json").read_text())
     (m,) = report["models"]
+    assert m["architecture"] == "ttt_lm" and m["notes"] == []
     assert m["train_seq_len"] == 32 and m["model"]["rope_bounded"] is True
     assert set(m["lm"]) == {"32", "96"}
     long = m["lm"]["96"]
@@ -297,14 +339,101 @@ def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
                for k in ("w0", "before", "after"))
     for name in ("loss_by_position.png", "recall.png", f"ttt_diagnostics_{m['label']}.png"):
         assert (out / name).stat().st_size > 1000
+    assert "| 64-96 |" in (out / "eval_context.md").read_text()
 
 
-def test_cli_errors_name_the_problem(tmp_path, capsys):
-    assert ec.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+def test_eval_context_module_is_an_alias_of_the_cli():
+    from ttt_jax import eval_context
+
+    assert eval_context.main is cli.main
+
+
+def test_cli_errors_name_the_problem(tiny_run, tmp_path, capsys):
+    assert cli.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert ec.main(["--checkpoint", str(tmp_path), "--lengths", "1x",
-                    "--out", str(tmp_path)]) == 2
-    assert "1x" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tmp_path), "--lengths", "1x",
+                     "--out", str(tmp_path)]) == 2
+    assert "--lengths: entry '1x'" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_run), "--num-sequences", "0",
+                     "--out", str(tmp_path)]) == 2
+    assert "num_sequences=0 (--num-sequences)" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_run / "7"), "--out", str(tmp_path)]) == 2
+    assert "no step 7" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ Moshi-TTT
+
+MOSHI_TINY = REPO / "ttt_jax" / "configs" / "moshi_ttt_tiny.yaml"
+# The packaged tiny preset at smaller shapes (few, quick compilations): one layer with
+# TTT-Linear grafted, attention context 8, its 4 streams (vocabs 32/16/16/16) of synthetic data.
+MOSHI_SMALL = ["model.transformer.d_model=16", "model.transformer.num_heads=2",
+               "model.transformer.num_layers=1", "model.transformer.dim_feedforward=64",
+               "model.transformer.context=8", "model.ttt.layers=all",
+               "model.ttt.layer_type=linear", "model.ttt.mini_batch_size=4",
+               "data.seq_len=16", "data.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def moshi_run(tmp_path_factory):
+    """``(run_dir, cfg, params)``: a step-0 checkpoint of the tiny Moshi-TTT preset."""
+    cfg = apply_overrides(load_config(MOSHI_TINY), MOSHI_SMALL)
+    run_dir = tmp_path_factory.mktemp("moshi_run")
+    params = host_params(registry.of(cfg), cfg.model, seed=2)
+    return save_run(run_dir, cfg, params), cfg, params
+
+
+def test_moshi_loss_by_position_matches_one_full_forward(moshi_run):
+    from ttt_jax.moshi.data import make_frames_dataset
+    from ttt_jax.moshi.hybrid import MoshiTTTLM
+
+    run_dir, cfg, params = moshi_run
+    assert registry.of(cfg).name == "moshi_ttt" and cfg.model.ttt_layers == (0,)
+    # 96 frames streamed in chunks of 32 (12x the attention context, 6x the training length);
+    # 32 frames in one pass; RUN_DIR/STEP names the checkpoint
+    options = evals.EvalOptions(lengths=(32, 96), num_sequences=2, batch=2, chunk=32,
+                                ttt_diagnostics=True, diagnostics_length=16,
+                                diagnostics_sequences=2)
+    result = evals.evaluate_checkpoint(run_dir / "0", options, log=lambda *a: None)
+    assert result["architecture"] == "moshi_ttt" and result["step"] == 0
+    assert result["model"]["num_streams"] == 4 and "recall" not in result
+
+    # Independently: the run's validation frames, one full forward, each stream's
+    # cross-entropy over its own vocab, averaged over streams and sequences per position.
+    data = dataclasses.replace(cfg.data, seq_len=96, batch_size=2)
+    frames = make_frames_dataset(data, cfg.model.vocab_sizes, seed=cfg.train.seed,
+                                 split="val").batch(0)  # [2, 97, 4]
+    logits = jax.jit(MoshiTTTLM(cfg.model).apply)({"params": params}, frames[:, :-1])
+    ce = np.stack([optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :, k, :v], frames[:, 1:, k]) for k, v in enumerate(cfg.model.vocab_sizes)],
+        axis=-1)  # [2, 96, 4]
+    per_position = ce.mean(axis=(0, 2))
+    for length, buckets in ((96, [(0, 64), (64, 96)]), (32, [(0, 32)])):
+        got = result["lm"][str(length)]
+        assert [(b["start"], b["end"]) for b in got["buckets"]] == buckets
+        want = [per_position[s:e].mean() for s, e in buckets]
+        np.testing.assert_allclose([b["loss"] for b in got["buckets"]], want, rtol=1e-5)
+        np.testing.assert_allclose(got["loss"], per_position[:length].mean(), rtol=1e-5)
+        assert "bpb" not in got  # synthetic streams are not bytes
+    # the inner-loss diagnostics of the one grafted layer
+    diag = result["ttt_diagnostics"]
+    assert len(diag["layers"]) == 1 and diag["length"] == 16 and diag["mini_batch_size"] == 4
+    (layer,) = diag["layers"]
+    assert layer["before"][0] == pytest.approx(layer["w0"][0], rel=1e-5)  # first mini-batch
+    assert np.all(np.isfinite([layer[k] for k in ("w0", "before", "after")]))
+    text = evals.markdown_report({"models": [result]})
+    assert "Moshi-TTT: lengths and positions count frames" in text
+
+
+def test_moshi_refuses_recall_and_unbounded_streaming(moshi_run, tmp_path, capsys):
+    run_dir, cfg, params = moshi_run
+    with pytest.raises(ValueError, match=r"recall=True \(--recall\) is invalid.*moshi_ttt"):
+        evals.evaluate_checkpoint(run_dir, evals.EvalOptions(recall=True), log=print)
+    assert cli.main(["--checkpoint", str(run_dir), "--recall", "--out", str(tmp_path)]) == 2
+    assert "--recall" in capsys.readouterr().err
+    unbounded = apply_overrides(cfg, ["model.transformer.context=null"]).model
+    scorer = evals.Scorer(registry.of(cfg), unbounded, params, chunk=4)
+    with pytest.raises(ValueError, match="--chunk=4 is invalid.*context is None"):
+        scorer.score(np.zeros((1, 9, 4), np.int32))
 
 
 def test_training_logs_inner_losses_every_n_steps(tmp_path):
