@@ -1,5 +1,6 @@
 """Bad configs and bad inputs through ``train.py --check``: exit code 2 and a message that names
-the field or file. The README's "Errors" table lists the same cases."""
+the field or file. The README's "Errors" table lists the same cases. And the one wrapper every
+command reports its errors through (``ttt_jax.errors``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ttt_jax.checkpoint import CheckpointError
+from ttt_jax.errors import EXIT_USAGE, UsageError, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -83,3 +87,21 @@ def test_bad_input_gives_clear_error(main, tmp_path, capsys, case, args, words):
 def test_good_config_passes_check(main, capsys):
     assert main(["--config", TINY, "--check"]) == 0
     assert "parameters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [UsageError("bad flag"), ValueError("bad value"),
+                                   FileNotFoundError("no file"), FileExistsError("file exists"),
+                                   CheckpointError("bad checkpoint")], ids=lambda e: type(e).__name__)
+def test_one_wrapper_reports_user_errors_in_one_line(capsys, error):
+    def command():
+        raise error
+
+    assert run_command(command) == EXIT_USAGE == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_the_wrapper_passes_results_and_other_errors_through():
+    assert run_command(lambda: None) == 0 and run_command(lambda x: x, 3) == 3
+    with pytest.raises(RuntimeError):
+        run_command(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
