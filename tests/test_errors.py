@@ -30,6 +30,7 @@ def token_file(tmp_path, name, array):
 # (case id, overrides or a callable tmp_path -> argv, words the error must contain)
 CASES = [
     ("missing config file", lambda t: ["--config", str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
+    ("unknown preset", lambda t: ["--config", "tiny_rope"], ["'tiny_rope' does not exist", "preset", "tiny_mlp_rope"]),
     ("invalid YAML", lambda t: ["--config", _write(t / "bad.yaml", "model: [1, 2")], ["bad.yaml", "not valid YAML"]),
     ("unknown key", ["model.ttt.fast=true"], ["model.ttt.fast", "unknown key"]),
     ("wrong type", ["model.ttt.num_heads=eight"], ["model.ttt.num_heads", "integer"]),
@@ -105,3 +106,10 @@ def test_the_wrapper_passes_results_and_other_errors_through():
     with pytest.raises(RuntimeError):
         run_command(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
+
+def test_no_command_reports_errors_on_its_own():
+    """``error:`` lines and exit code 2 come from ``ttt_jax.errors`` only."""
+    own = [str(p.relative_to(REPO)) for p in (REPO / "ttt_jax").rglob("*.py")
+           if p.name != "errors.py"
+           and any(s in p.read_text() for s in ('print(f"error:', "USAGE_ERROR", "CLIError"))]
+    assert not own

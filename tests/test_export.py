@@ -26,7 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from conftest import BATCH, DIM, HEADS, MINI_BATCH
 from ttt_jax import TTTLM, ModelConfig, TTTConfig, to_dict
 from ttt_jax.export import load_torch, save_torch
-from ttt_jax.export.__main__ import main as cli
+from ttt_jax.cli import main as cli
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -358,6 +358,12 @@ def test_cli_export_then_import(tmp_path, capsys):
     assert_bit_exact(variables, back)
     from ttt_jax import load_config
     assert load_config(tmp_path / "back.yaml").model == cfg
+    # --config: the weights' config.json, or a run config giving the model (reference basis)
+    for i, config in enumerate((out / "config.json", config_file)):
+        target = tmp_path / f"again_{i}.msgpack"
+        assert cli(["import", "--in", str(out / "model.safetensors"), "--config", str(config),
+                    "--out", str(target)]) == 0
+        assert_bit_exact(variables, flax.serialization.msgpack_restore(target.read_bytes()))
     # bf16, from a bare params tree
     params_file.write_bytes(flax.serialization.msgpack_serialize(variables["params"]))
     assert cli(["export", "--params", str(params_file), "--config", str(config_file),
@@ -371,6 +377,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     params_file.write_bytes(flax.serialization.msgpack_serialize(random_variables(cfg)))
     good = write_yaml(tmp_path / "good.yaml", cfg)
     l2 = write_yaml(tmp_path / "l2.yaml", make_config(use_rope=True, qk_l2_norm=True))
+    swa = write_yaml(tmp_path / "swa.yaml", dataclasses.replace(cfg, seq_modeling="swa"))
     existing = tmp_path / "existing"
     existing.mkdir()
     not_ckpt = tmp_path / "not_a_checkpoint"
@@ -382,9 +389,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
         (["export", "--params", str(good), "--config", str(good), "--out", out],
          "not a Flax msgpack"),
         (["export", "--checkpoint", str(tmp_path / "no_ckpt"), "--config", str(good),
-          "--out", out], "no_ckpt does not exist"),
+          "--out", out], "no_ckpt' does not exist"),
         (["export", "--checkpoint", str(not_ckpt), "--config", str(good), "--out", out],
-         "not_a_checkpoint is not a recognised checkpoint"),
+         "not_a_checkpoint' is not a recognised checkpoint"),
         (["export", "--params", str(params_file), "--config", str(tmp_path / "nocfg.yaml"),
           "--out", out], "nocfg.yaml"),
         (["export", "--params", str(params_file), "--config", str(l2), "--out", out],
@@ -396,6 +403,10 @@ def test_cli_errors_exit_2(tmp_path, capsys):
         (["import", "--in", str(tmp_path / "no_export"), "--out", str(tmp_path / "x.msgpack")],
          "no_export"),
         (["import", "--in", str(not_ckpt), "--out", str(params_file)], "--force"),
+        (["import", "--in", str(not_ckpt), "--out", out, "--prefix", "transformer."],
+         "--prefix does not apply to a ttt_lm import"),
+        (["import", "--in", str(not_ckpt), "--out", out, "--config", str(swa)],
+         "no importer for architecture 'attention_lm'"),
     ]
     for argv, message in cases:
         assert cli(argv) == 2, argv
@@ -405,12 +416,15 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_module_entry_point(tmp_path):
+    """``python -m ttt_jax.export`` is ``ttt-jax export`` (the default) or ``ttt-jax import``."""
     config_file = write_yaml(tmp_path / "model.yaml", make_config(use_rope=True))
     result = subprocess.run(
-        [sys.executable, "-m", "ttt_jax.export", "export", "--checkpoint",
+        [sys.executable, "-m", "ttt_jax.export", "--checkpoint",
          str(tmp_path / "absent"), "--config", str(config_file), "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "absent does not exist" in result.stderr, result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: checkpoint "), \
+        result.stderr
+    assert "absent' does not exist" in result.stderr, result.stderr
 
 
 def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
@@ -433,12 +447,11 @@ def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
     sources = (tmp_path / "run", tmp_path / "run" / "checkpoints" / "7", tmp_path / "run" / "7")
     for i, source in enumerate(sources):
         out = tmp_path / f"export_{i}"
-        command = ["export"] if i == 0 else []  # `export` is the default command
-        assert cli(command + ["--checkpoint", str(source), "--out", str(out)]) == 0
+        assert cli(["export", "--checkpoint", str(source), "--out", str(out)]) == 0
         got_cfg, got = load_torch(out)
         assert got_cfg == cfg
         for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert cli(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "8"),
                 "--out", str(tmp_path / "x")]) == 2
-    assert "checkpoints/8 does not exist" in capsys.readouterr().err
+    assert "checkpoints/8' does not exist" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``python -m ttt_jax.generate`` on a byte-level checkpoint trained here for a few seconds."""
+"""``ttt-jax generate`` on a byte-level checkpoint trained here for a few seconds."""
 
 import collections
 
@@ -6,7 +6,12 @@ import pytest
 
 from ttt_jax import ModelConfig, RunConfig, TTTConfig
 from ttt_jax.config import DataConfig, OptimConfig, TrainConfig
-from ttt_jax.generate import decode, encode, main
+from ttt_jax.cli import main as cli
+from ttt_jax.generate import ids_to_text, text_to_ids
+
+
+def main(argv):
+    return cli(["generate", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -70,5 +75,5 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_bytes_round_trip():
     text = "héllo\n"
-    assert decode(encode(text)) == text
-    assert decode([0x68, 300]) == "h\ufffd"
+    assert ids_to_text(text_to_ids(text)) == text
+    assert ids_to_text([0x68, 300]) == "h\ufffd"

@@ -15,7 +15,8 @@ from ttt_jax.config import apply_overrides, load_config
 from ttt_jax.moshi.config import (MoshiRunConfig, MoshiTTTConfig, MoshiTransformerConfig,
                                   TTTArgs)
 from ttt_jax.moshi.convert import from_state_dict, save_safetensors, to_state_dict
-from ttt_jax.moshi.export import load_torch, main, save_torch
+from ttt_jax.cli import main
+from ttt_jax.moshi.export import load_torch, save_torch
 from ttt_jax.moshi.training import init_params
 from ttt_jax.tree import flatten
 
@@ -127,7 +128,7 @@ def test_import_cli_then_export_cli(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     from ttt_jax.config import save_config
     save_config(run_cfg, config)
-    assert main(["import", "--weights", str(tmp_path / "moshi.safetensors"), "--config",
+    assert main(["import", "--in", str(tmp_path / "moshi.safetensors"), "--config",
                  str(config), "--out", str(tmp_path / "run"), "--prefix", "transformer."]) == 0
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out",
                  str(tmp_path / "torch")]) == 0
@@ -142,3 +143,12 @@ def test_import_cli_then_export_cli(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # python -m ttt_jax.moshi.export is the same command (--weights is --in); a run directory
+    # is never imported over, and moshi_ttt exports float32 only.
+    from ttt_jax.moshi.export import main as alias
+    assert alias(["import", "--weights", str(tmp_path / "moshi.safetensors"), "--config",
+                  str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "run directory" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "y"),
+                 "--dtype", "bf16"]) == 2
+    assert "float32" in capsys.readouterr().err

@@ -1,12 +1,12 @@
-"""``python -m ttt_jax.generate``: sample text from a byte-level checkpoint.
+"""``ttt-jax generate``: sample text from a byte-level checkpoint.
 
-  python -m ttt_jax.generate --checkpoint RUN_DIR[/STEP] --prompt "The " -n 200 \
+  ttt-jax generate --checkpoint RUN_DIR[/STEP] --prompt "The " -n 200 \\
       [--temperature 0.8] [--top-k 0] [--top-p 1.0] [--seed 0] [--samples 1]
 
 The prompt is encoded as UTF-8 bytes (token id = byte value), so the model needs
 ``vocab_size >= 256``. Each sample is printed as prompt + continuation (undecodable bytes are
-shown as U+FFFD). ``--temperature 0`` is greedy. Errors print one ``error: ...`` line on stderr
-and exit with status 2.
+shown as U+FFFD). ``--temperature 0`` is greedy. Only an architecture with the ``generate``
+feature (``ttt_lm``) can generate. ``python -m ttt_jax.generate`` is the same command.
 """
 
 from __future__ import annotations
@@ -16,41 +16,44 @@ import sys
 
 import numpy as np
 
-from ttt_jax.decode import Decoder, Sampling
-from ttt_jax.export.__main__ import CLIError, load_checkpoint_params
+from ttt_jax.errors import UsageError
 
-USAGE_ERROR = 2
 BYTE_VOCAB = 256
+DESCRIPTION = __doc__.split(": ", 1)[1]
 
 
-def encode(text: str) -> np.ndarray:
+def text_to_ids(text: str) -> np.ndarray:
     """UTF-8 bytes of ``text`` as token ids ``[n]`` int32."""
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
-def decode(tokens) -> str:
+def ids_to_text(tokens) -> str:
     """Token ids (bytes) back to text; ids >= 256 or invalid UTF-8 become U+FFFD."""
     data = bytes(int(t) if 0 <= int(t) < BYTE_VOCAB else 0xFF for t in tokens)
     return data.decode("utf-8", errors="replace")
 
 
-def generate_text(params, config, prompt: str, n: int, sampling: Sampling, *, seed: int = 0,
+def generate_text(params, config, prompt: str, n: int, sampling, *, seed: int = 0,
                   samples: int = 1) -> list[str]:
-    """``samples`` continuations of ``prompt`` (``n`` bytes each) from a byte-level TTT-LM."""
+    """``samples`` continuations of ``prompt`` (``n`` bytes each) from a byte-level TTT-LM.
+
+    ``params`` are the model's variables (``{"params": ...}``), ``config`` its ``ModelConfig``,
+    ``sampling`` a ``ttt_jax.decode.Sampling``.
+    """
+    from ttt_jax.decode import Decoder
+
     if config.vocab_size < BYTE_VOCAB:
-        raise CLIError(f"the checkpoint's model has vocab_size={config.vocab_size}: byte-level "
-                       f"text needs vocab_size >= {BYTE_VOCAB}")
-    ids = encode(prompt)
+        raise UsageError(f"the checkpoint's model has vocab_size={config.vocab_size}: byte-level "
+                         f"text needs vocab_size >= {BYTE_VOCAB}")
+    ids = text_to_ids(prompt)
     if ids.size == 0:
-        raise CLIError("--prompt is empty: generation needs at least one byte to start from")
+        raise UsageError("--prompt is empty: generation needs at least one byte to start from")
     tokens, _ = Decoder(config).generate(params, np.tile(ids, (samples, 1)), n,
                                          sampling=sampling, seed=seed)
-    return [decode(row) for row in np.asarray(tokens)]
+    return [ids_to_text(row) for row in np.asarray(tokens)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ttt_jax.generate",
-                                description="Sample text from a byte-level TTT-LM checkpoint.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="RUN_DIR (latest step), RUN_DIR/STEP or RUN_DIR/checkpoints/STEP")
     p.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
@@ -60,31 +63,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--samples", type=int, default=1, help="independent samples, as one batch")
-    return p
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.n < 1:
-            raise CLIError(f"-n {args.n}: expected a number of bytes >= 1")
-        if args.samples < 1:
-            raise CLIError(f"--samples {args.samples}: expected an int >= 1")
-        try:
-            sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        except ValueError as e:
-            raise CLIError(str(e)) from e
-        variables, config = load_checkpoint_params(args.checkpoint)
-        texts = generate_text(variables, config, args.prompt, args.n, sampling, seed=args.seed,
-                              samples=args.samples)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+def run(args: argparse.Namespace) -> int:
+    from ttt_jax import checkpoint, registry
+    from ttt_jax.decode import Sampling
+
+    if args.n < 1:
+        raise UsageError(f"-n {args.n}: expected a number of bytes >= 1")
+    if args.samples < 1:
+        raise UsageError(f"--samples {args.samples}: expected an int >= 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    saved = checkpoint.load_run(args.checkpoint)
+    registry.of(saved.config).require("generate", "--checkpoint")
+    texts = generate_text({"params": saved.params}, saved.config.model, args.prompt, args.n,
+                          sampling, seed=args.seed, samples=args.samples)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
         print(args.prompt + text)
     return 0
+
+
+def main(argv=None) -> int:
+    from ttt_jax.cli import command_main
+
+    return command_main("generate", argv, prog="python -m ttt_jax.generate")
 
 
 if __name__ == "__main__":

@@ -5,20 +5,19 @@ moshi ``StreamingTransformer`` keyword arguments) and ``model.safetensors`` with
 moshi's key names and the TTT layers in the Moshi-TTT names (see ``convert.py``);
 ``load_torch(in_dir)`` is its exact inverse.
 
-CLI::
+CLI (``ttt_jax/cli``; ``python -m ttt_jax.moshi.export`` is the same)::
 
-    python -m ttt_jax.moshi.export export --checkpoint RUN_DIR --out DIR [--force]
-    python -m ttt_jax.moshi.export import --weights moshi.safetensors --config CFG.yaml \\
-        --out RUN_DIR [--prefix transformer.] [--seed 0]
+    ttt-jax export --checkpoint RUN_DIR --out DIR [--force]
+    ttt-jax import --in moshi.safetensors --config CFG.yaml --out RUN_DIR \\
+        [--prefix transformer.] [--seed 0]
 
-``import`` writes a run directory (step 0) holding the imported backbone with the TTT layers
-of ``CFG.yaml`` grafted at their init (no-ops with ``ttt.noop_init``); a training config then
-starts from it with ``checkpoint.init_from: RUN_DIR``.
+``import`` (``import_moshi``) writes a run directory (step 0) holding the imported backbone with
+the TTT layers of ``CFG.yaml`` grafted at their init (no-ops with ``ttt.noop_init``); a
+training config then starts from it with ``checkpoint.init_from: RUN_DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.config import from_dict, load_config, to_dict
+from ttt_jax.config import from_dict, to_dict
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
 from ttt_jax.moshi.convert import (from_state_dict, load_safetensors, save_safetensors,
                                    to_state_dict)
@@ -104,38 +103,10 @@ def import_moshi(weights: str | Path, run_cfg: MoshiRunConfig, out_run_dir: str 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ttt_jax.moshi.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="a Moshi-TTT run (or one step of it) to PyTorch names")
-    ex.add_argument("--checkpoint", required=True, help="RUN_DIR or RUN_DIR/checkpoints/STEP")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--force", action="store_true")
-    im = sub.add_parser("import", help="moshi weights + a Moshi-TTT config -> a run directory")
-    im.add_argument("--weights", required=True, help="a .safetensors state dict")
-    im.add_argument("--config", required=True, help="a YAML with architecture: moshi_ttt")
-    im.add_argument("--out", required=True, help="the run directory to write")
-    im.add_argument("--prefix", default="", help="key prefix of the backbone (transformer.)")
-    im.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            from ttt_jax.checkpoint import load_saved
+    """``python -m ttt_jax.moshi.export export|import ...``: ``ttt-jax export|import``."""
+    from ttt_jax.cli import weights_main
 
-            path = Path(args.checkpoint)
-            step = int(path.name) if path.name.isdigit() else None
-            run_dir = path.parent.parent if step is not None else path
-            saved, meta = load_saved(run_dir, step)
-            run_cfg = from_dict(MoshiRunConfig, meta["config"])
-            out = save_torch(run_cfg.model, saved["params"], args.out, force=args.force)
-            print(f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
-        else:
-            import_moshi(args.weights, load_config(args.config, MoshiRunConfig), args.out,
-                         prefix=args.prefix, seed=args.seed)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return weights_main(argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Param groups for the optimizer (``param_group``): ``alpha`` (every ``forward_ssm
 learning-rate multipliers ``ttt.weight_lr_multiplier`` / ``ttt.alpha_lr_multiplier``;
 ``ttt.freeze_backbone`` freezes the backbone group. A Moshi backbone enters a run through
 ``checkpoint.init_from``: convert its weights into a run directory first with
-``python -m ttt_jax.moshi.export import``.
+``ttt-jax import --in moshi.safetensors --config CONFIG --out RUN_DIR``; ``ttt-jax export``
+writes a run back to PyTorch names (``ttt_jax.moshi.export``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,6 @@ def frozen_groups(cfg: MoshiRunConfig) -> tuple[str, ...]:
 MOSHI_TTT = register(Architecture(
     name="moshi_ttt", run_config=MoshiRunConfig, build_model=MoshiTTTLM,
     sample_input=sample_tokens, build_datasets=build_datasets,
-    features=frozenset({"diagnostics", "eval"}),
+    features=frozenset({"diagnostics", "eval", "export"}),
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's streaming transformer with TTT layers grafted in"))

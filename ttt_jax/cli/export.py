@@ -1,0 +1,97 @@
+"""``ttt-jax export``: a checkpoint (or a params file) to PyTorch names, by architecture.
+
+  ttt-jax export --checkpoint RUN_DIR[/STEP] --out DIR [--dtype bf16] [--force]
+  ttt-jax export --params FILE.msgpack --config CONFIG --out DIR
+
+The checkpoint's run config (or ``--config``: a YAML file or preset name) gives the
+architecture: ``ttt_lm`` writes a ttt-lm-pytorch directory (``config.json`` +
+``model.safetensors``, ``ttt_jax.export``); ``moshi_ttt`` writes moshi's names for the backbone
+and the Moshi-TTT names for the TTT layers (``ttt_jax.moshi.export``). An architecture without
+the ``export`` feature is refused. ``--params`` is a ``flax.serialization.msgpack_serialize``
+of the variables (or of the params tree alone). Needs the torch extra (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from ttt_jax.cli import presets
+from ttt_jax.errors import UsageError, optional_dependency
+
+DESCRIPTION = __doc__.split(": ", 1)[1]
+
+
+def load_params_file(path: str | Path) -> dict:
+    """The params tree of a Flax msgpack file (``{"params": ...}`` or a bare params tree)."""
+    import flax.serialization
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    try:
+        tree = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 -- msgpack raises several unrelated types on garbage
+        raise UsageError(f"{path} is not a Flax msgpack params file: {e}") from e
+    if not isinstance(tree, dict):
+        raise UsageError(f"{path} does not hold a params tree (got {type(tree).__name__})")
+    return tree.get("params", tree)
+
+
+def _ttt_lm(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
+    from ttt_jax.export.torch import export_dtype, save_torch
+
+    dtype = export_dtype(dtype or "float32")
+    save_torch(cfg.model, {"params": params}, out, dtype=dtype, force=force)
+    return f"wrote {out}/config.json and {out}/model.safetensors ({dtype})"
+
+
+def _moshi_ttt(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
+    from ttt_jax.moshi.export import CONFIG_NAME, WEIGHTS_NAME, save_torch
+
+    if dtype not in (None, "float32"):
+        raise UsageError(f"--dtype {dtype} is invalid: a moshi_ttt export is float32")
+    save_torch(cfg.model, params, out, force=force)
+    return f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
+
+
+# architecture -> (run config, params, out dir, dtype or None, force) -> the line to print
+EXPORTERS = {"ttt_lm": _ttt_lm, "moshi_ttt": _moshi_ttt}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="RUN_DIR (latest step), RUN_DIR/STEP or "
+                     "RUN_DIR/checkpoints/STEP")
+    src.add_argument("--params", help="Flax msgpack of the variables (needs --config)")
+    p.add_argument("--config", help="run config (YAML file or preset name): required with "
+                   "--params; with --checkpoint it replaces the stored one")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", help="ttt_lm: float32 (default) or bfloat16/bf16")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttt_jax import checkpoint, registry
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"output directory {out} exists: pass --force to overwrite it")
+    if args.params is not None:
+        if args.config is None:
+            raise UsageError("--config is required with --params (a checkpoint carries its own)")
+        cfg, params, key = presets.load(args.config), load_params_file(args.params), "--config"
+    else:
+        saved = checkpoint.load_run(args.checkpoint)
+        cfg, params, key = saved.config, saved.params, "--checkpoint"
+        if args.config is not None:
+            cfg, key = presets.load(args.config), "--config"
+    arch = registry.of(cfg)
+    arch.require("export", key)
+    if arch.name not in EXPORTERS:
+        raise UsageError(f"{key} is invalid: ttt-jax export has no exporter for architecture "
+                         f"{arch.name!r} (it has: {', '.join(EXPORTERS)})")
+    with optional_dependency():
+        print(EXPORTERS[arch.name](cfg, params, out, args.dtype, args.force))
+    return 0
