@@ -39,13 +39,12 @@ def default_label(path: str | Path) -> str:
     return p.name
 
 
-def _describe_lm(cfg) -> dict[str, Any]:
+def _describe_lm(cfg, ttt: bool) -> dict[str, Any]:
     m = cfg.model
     return {"seq_modeling": m.seq_modeling, "use_rope": m.ttt.use_rope,
             "rope_bounded": m.ttt.rope_bounded, "attention_window": m.attention_window,
             "mini_batch_size": m.ttt.mini_batch_size, "num_layers": m.num_layers,
-            "model_dim": m.model_dim, "ttt_layers": list(range(m.num_layers))
-            if m.seq_modeling == "ttt" else []}
+            "model_dim": m.model_dim, "ttt_layers": list(range(m.num_layers)) if ttt else []}
 
 
 def _describe_moshi(cfg) -> dict[str, Any]:
@@ -57,7 +56,10 @@ def _describe_moshi(cfg) -> dict[str, Any]:
             "vocab_sizes": list(m.vocab_sizes)}
 
 
-DESCRIBE = {"ttt_lm": _describe_lm, "attention_lm": _describe_lm, "moshi_ttt": _describe_moshi}
+# Per architecture: the model summary of the report; ``ttt_layers`` lists the TTT layers.
+DESCRIBE = {"ttt_lm": lambda cfg: _describe_lm(cfg, ttt=True),
+            "attention_lm": lambda cfg: _describe_lm(cfg, ttt=False),
+            "moshi_ttt": _describe_moshi}
 
 
 def _check_applicable(arch, cfg, options: EvalOptions, path) -> None:
