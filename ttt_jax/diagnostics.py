@@ -15,20 +15,21 @@ the model changes.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax.config import ModelConfig
 from ttt_jax.math import inner
 from ttt_jax.math.inner import mm
 from ttt_jax.math.layernorm import layer_norm
 from ttt_jax.math.ttt import token_weights
 
 KINDS = ("w0", "before", "after")
+# The name under which every TTTLayer sows its inner-loop inputs (``intermediates``).
+SOWN = "ttt_inputs"
 
 
 def reconstruction_loss(state, xk, xv, ln_weight, ln_bias):
@@ -85,51 +86,50 @@ def inner_losses(params, xq, xk, xv, lr, learnable_token_idx, ln_weight, ln_bias
     return {"w0": w0, "before": cat(befores), "after": cat(afters)}, state
 
 
-def layer_inputs(model_cfg: ModelConfig, params, tokens):
-    """``[(xq, xk, xv, lr)]`` per layer of a TTT-LM on ``tokens [B, L]`` (positions from 0)."""
-    from ttt_jax.models.ttt_lm import TTTLM
-    from ttt_jax.nn.ttt_layer import TTTLayer
+def layer_inputs(model, params, tokens) -> list[tuple[tuple[str, ...], tuple]]:
+    """``[(path, (xq, xk, xv, lr))]`` for every TTT layer of ``model`` on ``tokens``, in call
+    order; ``path`` locates the layer's params in ``params``. Works for any model built from
+    ``TTTLayer`` (each layer sows its inner-loop inputs when ``intermediates`` is mutable)."""
+    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state.get("intermediates", {})))
+    return [(key[:-1], value[0]) for key, value in flat.items() if key[-1] == SOWN]
 
-    _, state = TTTLM(model_cfg).apply(
-        {"params": params}, tokens, capture_intermediates=lambda mdl, _: mdl.name == "seq_norm",
-        mutable=["intermediates"])
-    found = state["intermediates"]
-    layer = TTTLayer(model_cfg.ttt, jnp.dtype(model_cfg.dtype))
+
+def _layer_params(params, path: tuple[str, ...]):
+    for name in path:
+        params = params[name]
+    return params
+
+
+def model_inner_losses(model, params, tokens) -> list[dict[str, jax.Array]]:
+    """Per TTT layer of ``model``, ``{"w0", "before", "after"} -> [L]``: each token's loss
+    averaged over batch and heads. ``tokens`` are the model's inputs starting at position 0."""
+    found = layer_inputs(model, params, tokens)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no TTT layers: inner-loss diagnostics "
+                         f"need at least one")
     out = []
-    for i in range(model_cfg.num_layers):
-        h = found[f"layers_{i}"]["seq_norm"]["__call__"][0]
-        out.append(layer.apply({"params": params[f"layers_{i}"]["seq_modeling_block"]}, h,
-                               method="ttt_inputs"))
-    return out
-
-
-def model_inner_losses(model_cfg: ModelConfig, params, tokens) -> list[dict[str, jax.Array]]:
-    """Per layer, ``{"w0", "before", "after"} -> [L]``: each token's loss averaged over batch and
-    heads. ``tokens`` are ``[B, L]`` inputs starting at position 0."""
-    if model_cfg.seq_modeling != "ttt":
-        raise ValueError(f"model.seq_modeling={model_cfg.seq_modeling!r} has no TTT layers: "
-                         f"inner-loss diagnostics need 'ttt'")
-    out = []
-    for i, (xq, xk, xv, lr) in enumerate(layer_inputs(model_cfg, params, tokens)):
-        p = params[f"layers_{i}"]["seq_modeling_block"]
-        widths = len(model_cfg.ttt.inner_widths) - 1
-        inner_params = tuple((p[f"W{j + 1}"], p[f"b{j + 1}"]) for j in range(widths))
+    for path, (xq, xk, xv, lr) in found:
+        p = _layer_params(params, path)
+        depth = sum(1 for name in p if name.startswith("W"))
+        inner_params = tuple((p[f"W{j + 1}"], p[f"b{j + 1}"]) for j in range(depth))
         losses, _ = inner_losses(inner_params, xq, xk, xv, lr, p["learnable_token_idx"],
                                  p["ttt_norm_weight"], p["ttt_norm_bias"])
         out.append({k: jnp.mean(v, axis=(0, 1)) for k, v in losses.items()})
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_inner_losses(model_cfg: ModelConfig):
-    return jax.jit(lambda p, t: model_inner_losses(model_cfg, p, t))
+def jitted_mean_inner_losses(model) -> Callable:
+    """``f(params, tokens) -> [{"w0", "before", "after"} -> float]`` per TTT layer: the inner
+    loss averaged over every token (what training logs every ``train.diagnostics_every`` steps);
+    compiled once per call of this function."""
+    curves_fn = jax.jit(lambda p, t: model_inner_losses(model, p, t))
 
+    def mean_losses(params, tokens):
+        curves = jax.device_get(curves_fn(params, jnp.asarray(tokens)))
+        return [{k: float(np.mean(c[k])) for k in KINDS} for c in curves]
 
-def mean_inner_losses(model_cfg: ModelConfig, params, tokens) -> list[dict[str, float]]:
-    """Per layer, ``{"w0", "before", "after"}``: the inner loss averaged over every token of
-    ``tokens [B, L]`` (what training logs every ``train.diagnostics_every`` steps)."""
-    curves = jax.device_get(_jitted_inner_losses(model_cfg)(params, jnp.asarray(tokens)))
-    return [{k: float(np.mean(c[k])) for k in KINDS} for c in curves]
+    return mean_losses
 
 
 def binned(curves: list[dict[str, Any]], width: int) -> dict[str, Any]:
