@@ -7,8 +7,9 @@ and every command look the architecture up here (``of(cfg)``, by the run config'
 
 Built-in entries: ``ttt_lm`` (the TTT-LM), ``attention_lm`` (the same causal LM with
 sliding-window attention, a baseline) and ``moshi_ttt`` (Moshi's transformer with TTT layers
-grafted in). A new architecture is one package plus one ``register`` call (or one line in
-``_BUILTIN``); see docs/architecture.md.
+grafted in). A new architecture is one package that calls ``register`` when imported; a
+built-in one also names that module in ``_BUILTIN``, so that ``get`` finds it by name before
+anything imported it (docs/architecture.md §7, §10).
 """
 
 from __future__ import annotations
