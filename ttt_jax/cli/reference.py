@@ -58,8 +58,9 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 
 def first_sentence(text: str) -> str:
-    """Up to the first full stop that ends a sentence (not "e.g."), without RST markup."""
-    text = re.sub(r"\s*\(DESIGN §[\d.]+\)", "", text.replace("``", ""))
+    """Up to the first full stop that ends a sentence (not "e.g."), without RST markup or
+    section citations such as "(docs/architecture.md §1)"."""
+    text = re.sub(r"\s*\([^()]*§[\d.-]+\)", "", text.replace("``", ""))
     match = re.match(r"(.+?(?<!e\.g)(?<!i\.e)\.)(?=\s+[A-Z(]|$)", text)
     return match.group(1) if match else text
 
