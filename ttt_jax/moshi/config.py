@@ -295,9 +295,12 @@ class MoshiRunConfig:
     """A Moshi-TTT run YAML (``architecture: moshi_ttt``).
 
     Attributes:
-      architecture: always ``moshi_ttt``; tells ``train.py`` which model to build.
+      architecture: always ``moshi_ttt`` (the registry entry of the hybrid).
       model, optim, data, train, checkpoint: as in a TTT-LM run (``checkpoint.init_from``
-        also starts a run from imported Moshi weights, see ``ttt_jax.moshi.convert``).
+        also starts a run from Moshi weights imported with ``ttt-jax import --config
+        moshi_ttt_tiny --in WEIGHTS.safetensors --out RUN_DIR``).
+      mesh: present so that every run config has the same sections; the registry refuses it
+        for ``moshi_ttt`` (no sharding rules for the hybrid yet).
     """
 
     model: MoshiTTTConfig
