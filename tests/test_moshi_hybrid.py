@@ -10,12 +10,14 @@ import numpy as np
 import optax
 import pytest
 
-from ttt_jax.config import OptimConfig
-from ttt_jax.moshi.config import (MoshiTTTConfig, MoshiTransformerConfig, TTTArgs,
-                                  load_ttt_args)
+from ttt_jax import registry
+from ttt_jax.config import OptimConfig, TrainConfig
+from ttt_jax.moshi.config import (MoshiRunConfig, MoshiTTTConfig, MoshiTransformerConfig,
+                                  TTTArgs, load_ttt_args)
 from ttt_jax.moshi.hybrid import MoshiTTTLM
-from ttt_jax.moshi.training import (graft, init_params, make_optimizer, noop_graft,
-                                    param_group, param_labels)
+from ttt_jax.moshi.registration import param_group
+from ttt_jax.moshi.training import graft, init_params, noop_graft
+from ttt_jax.training import param_labels
 from ttt_jax.tree import flatten
 
 BATCH, LENGTH, MINI_BATCH, CONTEXT, LAYERS = 2, 13, 4, 8, 4
@@ -23,7 +25,7 @@ VOCABS = (11, 7)
 BACKBONE = MoshiTransformerConfig(d_model=32, num_heads=4, num_layers=LAYERS, dim_feedforward=96,
                                   context=CONTEXT, layer_scale=0.5)
 TTT = TTTArgs(enable=True, layers="middle", mini_batch_size=MINI_BATCH, use_rope=True,
-              base_lr=1.0)
+              ttt_base_lr=1.0)
 CFG = MoshiTTTConfig(transformer=BACKBONE, ttt=TTT, vocab_sizes=VOCABS)
 
 
@@ -67,8 +69,11 @@ def loss_and_grad(params, x):
 LR, WEIGHT_MULT, ALPHA_MULT = 1e-3, 3.0, 7.0
 STEP_TTT = dataclasses.replace(TTT, freeze_backbone=True, weight_lr_multiplier=WEIGHT_MULT,
                                alpha_lr_multiplier=ALPHA_MULT)
-OPTIMIZER = make_optimizer(OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.0),
-                           STEP_TTT, 10)
+ARCH = registry.get("moshi_ttt")
+STEP_RUN = MoshiRunConfig(model=dataclasses.replace(CFG, ttt=STEP_TTT),
+                          optim=OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.0),
+                          train=TrainConfig(steps=10))
+OPTIMIZER = ARCH.make_optimizer(STEP_RUN)
 
 
 @jax.jit
@@ -183,14 +188,15 @@ def test_freeze_backbone_and_lr_multipliers_on_one_step():
 
 def test_param_labels():
     shapes = SHAPES
-    labels = flatten(param_labels(shapes, TTT))
+    labels = flatten(param_labels(shapes, group_of=ARCH.param_group))
     assert labels["transformer/layers_1/seq_modeling_block/forward_ssm_gating/gating_alpha"] == "alpha"
     assert labels["transformer/layers_1/seq_modeling_block/ttt_layer/W1"] == "ttt"
     assert labels["transformer/layers_0/self_attn/in_proj/kernel"] == "backbone"
     assert labels["emb_0/embedding"] == "backbone"
-    frozen = flatten(param_labels(shapes, STEP_TTT))
+    frozen = flatten(param_labels(shapes, group_of=ARCH.param_group,
+                                  frozen=ARCH.frozen_groups(STEP_RUN)))
     assert {frozen[k] for k, v in labels.items() if v == "backbone"} == {"freeze"}
-    only_alpha = flatten(param_labels(shapes, TTT, trainable="gating_alpha"))
+    only_alpha = flatten(param_labels(shapes, "gating_alpha", ARCH.param_group))
     assert {k for k, v in only_alpha.items() if v != "freeze"} == \
         {k for k, v in labels.items() if v == "alpha"}
 
@@ -211,7 +217,7 @@ def test_layer_selection():
     (dict(layers="1,1"), r"ttt.layers='1,1' is invalid: expected distinct layer indices"),
     (dict(layers="-1"), r"ttt.layers='-1' is invalid: expected layer indices >= 0"),
     (dict(layers="middle-ish"), r"ttt.layers='middle-ish' is invalid: expected none, all, middle"),
-    (dict(base_lr=0.0), r"ttt.base_lr=0.0 is invalid: expected a positive number"),
+    (dict(ttt_base_lr=0.0), r"ttt.ttt_base_lr=0.0 is invalid: expected a positive number"),
     (dict(mini_batch_size=0), r"ttt.mini_batch_size=0 is invalid: expected an integer >= 1"),
     (dict(weight_lr_multiplier=-2.0), r"ttt.weight_lr_multiplier=-2.0 is invalid"),
     (dict(alpha_lr_multiplier=0), r"ttt.alpha_lr_multiplier=0 is invalid"),
