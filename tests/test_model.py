@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import BATCH, DIM, HEADS, MINI_BATCH
-from ttt_jax import TTTLM, ModelConfig, TTTConfig, TTTLayer, load_config
+from ttt_jax import TTTLM, Block, ModelConfig, TTTConfig, TTTLayer, load_config
+from ttt_jax.models import build_model, causal_lm
+from ttt_jax.models.attention_lm import AttentionLM
+from ttt_jax.models.causal_lm import CausalLM
 from ttt_jax.nn.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +126,43 @@ def test_logits_computed(tiny_model_config, pre_conv, tied):
     chex.assert_tree_all_finite(logits)
     # Positions differ (the model is not constant along the sequence).
     assert np.abs(np.diff(np.asarray(logits), axis=1)).max() > 1e-4
+
+
+@pytest.mark.parametrize("pre_conv, tied", [(False, True), (True, False)],
+                         ids=["no_pre_conv-tied", "pre_conv-untied"])
+def test_one_skeleton_for_both_sequence_layers(tiny_model_config, pre_conv, tied):
+    """``CausalLM`` takes the sequence layer from ``model.seq_modeling``; ``TTTLM`` and
+    ``AttentionLM`` pin it. Outside ``seq_modeling_block`` both kinds have the same params."""
+    ttt_cfg = dataclasses.replace(tiny_model_config, pre_conv=pre_conv, tie_word_embeddings=tied)
+    swa_cfg = dataclasses.replace(ttt_cfg, seq_modeling="swa")
+    tokens = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
+
+    def shapes(model):
+        tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+        return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+    ttt = shapes(CausalLM(ttt_cfg))
+    assert ttt == shapes(TTTLM(ttt_cfg)) == shapes(TTTLM(swa_cfg))
+    assert_layout(ttt, expected_layout(ttt_cfg))
+    swa = shapes(CausalLM(swa_cfg))
+    assert swa == shapes(AttentionLM(ttt_cfg))
+    attention = {p: {"kernel"} for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    layout = expected_layout(ttt_cfg)
+    layout.update({k: {**v, "seq_modeling_block": attention}
+                   for k, v in layout.items() if k.startswith("layers_")})
+    assert_layout(swa, layout)
+    for i in range(ttt_cfg.num_layers):
+        d = ttt_cfg.model_dim
+        assert all(swa[f"layers_{i}"]["seq_modeling_block"][p]["kernel"][0] == (d, d)
+                   for p in attention)
+        ttt[f"layers_{i}"].pop("seq_modeling_block")
+        swa[f"layers_{i}"].pop("seq_modeling_block")
+    assert ttt == swa
+    assert type(build_model(ttt_cfg)) is TTTLM and type(build_model(swa_cfg)) is AttentionLM
+    assert Block is causal_lm.Block
+    with pytest.raises(ValueError, match="model.seq_modeling='swa' does not stream"):
+        jax.eval_shape(lambda: AttentionLM(ttt_cfg).init(jax.random.PRNGKey(0), BATCH,
+                                                         method="init_cache"))
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

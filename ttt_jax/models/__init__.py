@@ -1,4 +1,4 @@
-"""Language models: the TTT-LM and the sliding-window attention baseline, built from a config."""
+"""Language models: one causal-LM skeleton whose sequence layer the config names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from ttt_jax.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The LM that ``cfg.seq_modeling`` names: ``ttt`` -> ``TTTLM``, ``swa`` -> ``AttentionLM``."""
+    """The LM that ``cfg.seq_modeling`` names: ``ttt`` -> ``TTTLM``, ``swa`` -> ``AttentionLM``
+    (both the ``CausalLM`` skeleton with that sequence layer)."""
     from ttt_jax.models.attention_lm import AttentionLM
     from ttt_jax.models.ttt_lm import TTTLM
 

@@ -1,117 +1,22 @@
 """The TTT-LM (DESIGN §2), ttt-lm-pytorch's ``TTTForCausalLM`` architecture.
 
-``embed_tokens -> layers_{i} (Block) -> norm -> lm_head`` (tied to the embedding by default).
-A block: optional ``x += conv(x)`` (pre-conv), ``x += seq_modeling_block(seq_norm(x))``,
-``x += mlp(ffn_norm(x))``.
-
-Besides the full-sequence ``__call__``, every module has ``init_cache``/``stream``: the same
-function computed chunk by chunk from a per-stream state (``ttt_jax.decode`` drives them).
+``TTTLM`` is the ``CausalLM`` skeleton (``ttt_jax.models.causal_lm``) with a ``TTTLayer`` as
+the sequence layer of every block, whatever ``config.seq_modeling`` says. Besides the
+full-sequence ``__call__`` it has ``init_cache``/``stream``: the same function computed chunk by
+chunk from a per-stream state (``ttt_jax.decode`` drives them).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import flax.linen as nn
-import jax.numpy as jnp
-
-from ttt_jax.config import ModelConfig
-from ttt_jax.nn.layers import PreConv, RMSNorm, SwiGLU
-from ttt_jax.nn.ttt_layer import TTTLayer
-from ttt_jax.types import SequenceMetadata
+from ttt_jax.models.causal_lm import Block, CausalLM
 
 
-class Block(nn.Module):
-    """One TTT-LM block; ``[B, L, d] -> [B, L, d]``."""
-
-    config: ModelConfig
-
-    def setup(self):
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        if cfg.pre_conv:
-            self.conv = PreConv(cfg.ttt.conv_kernel, cfg.rms_norm_eps, dtype)
-        self.seq_norm = RMSNorm(cfg.rms_norm_eps)
-        self.seq_modeling_block = TTTLayer(cfg.ttt, dtype)
-        self.ffn_norm = RMSNorm(cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.intermediate_size, cfg.ttt.initializer_range, dtype)
-
-    def __call__(self, x, metadata: Optional[SequenceMetadata] = None):
-        if self.config.pre_conv:
-            x = x + self.conv(x)
-        x = x + self.seq_modeling_block(self.seq_norm(x), metadata)
-        return x + self.mlp(self.ffn_norm(x))
-
-    def init_cache(self, batch_size: int, start_position=0):
-        """``{"ttt": TTTLayer cache[, "conv_tail": [B, K-1, d]]}``."""
-        cfg = self.config
-        cache = {"ttt": self.seq_modeling_block.init_cache(batch_size, start_position)}
-        if cfg.pre_conv:
-            cache["conv_tail"] = jnp.zeros((batch_size, cfg.ttt.conv_kernel - 1, cfg.model_dim),
-                                           jnp.dtype(cfg.dtype))
-        return cache
-
-    def stream(self, x, cache, lengths=None):
-        """``(y, cache')``: ``__call__`` continued from ``cache`` (see ``TTTLayer.stream``)."""
-        new = {}
-        if self.config.pre_conv:
-            valid = lengths if lengths is not None else jnp.full((x.shape[0],), x.shape[1],
-                                                                   jnp.int32)
-            h, new["conv_tail"] = self.conv.stream(x, cache["conv_tail"], valid)
-            x = x + h
-        h, new["ttt"] = self.seq_modeling_block.stream(self.seq_norm(x), cache["ttt"], lengths)
-        x = x + h
-        return x + self.mlp(self.ffn_norm(x)), new
-
-
-class TTTLM(nn.Module):
+class TTTLM(CausalLM):
     """A causal language model of TTT blocks: tokens ``[B, L]`` -> logits ``[B, L, V]`` float32."""
 
-    config: ModelConfig
+    seq_modeling: Optional[str] = "ttt"
 
-    def setup(self):
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        init = nn.initializers.normal(cfg.ttt.initializer_range)
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.model_dim, dtype=dtype,
-                                     embedding_init=init)
-        self.layers = [Block(cfg) for _ in range(cfg.num_layers)]  # named layers_{i}
-        self.norm = RMSNorm(cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                                    kernel_init=init)
 
-    def _check_tokens(self, tokens):
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"TTTLM expects integer token ids of shape [B, L], got "
-                             f"{tokens.dtype}{list(tokens.shape)}")
-
-    def _logits(self, x):
-        x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
-
-    def __call__(self, tokens, metadata: Optional[SequenceMetadata] = None):
-        self._check_tokens(tokens)
-        x = self.embed_tokens(tokens)
-        for block in self.layers:
-            x = block(x, metadata)
-        return self._logits(x)
-
-    def init_cache(self, batch_size: int, start_position=0):
-        """The decode state of ``batch_size`` fresh streams: ``{"layers": [Block cache, ...]}``."""
-        return {"layers": [block.init_cache(batch_size, start_position) for block in self.layers]}
-
-    def stream(self, tokens, cache, lengths=None):
-        """Logits ``[B, n, V]`` of a chunk of tokens ``[B, n]`` continuing each stream, and the
-        new cache. ``lengths [B]``: valid tokens per element (all if None)."""
-        self._check_tokens(tokens)
-        x = self.embed_tokens(tokens)
-        new = []
-        for block, c in zip(self.layers, cache["layers"]):
-            x, c = block.stream(x, c, lengths)
-            new.append(c)
-        return self._logits(x), {"layers": new}
+__all__ = ["Block", "TTTLM"]
