@@ -37,6 +37,9 @@ def tokens(seed=0, length=LENGTH):
 
 MODEL = MoshiTTTLM(CFG)
 APPLY = jax.jit(MODEL.apply)
+# The same backbone without TTT sub-blocks.
+BASE_MODEL = MoshiTTTLM(dataclasses.replace(CFG, ttt=dataclasses.replace(TTT, enable=False)))
+BASE_APPLY = jax.jit(BASE_MODEL.apply)
 SHAPES = jax.eval_shape(lambda: init_params(CFG, jax.random.PRNGKey(0)))
 # Values around the initialiser's: norm gains and alphas near their constants, the rest small.
 CENTRES = {"alpha": 1.0, "scale": 1.0, "ttt_norm_weight": 1.0, "gating_alpha": 0.1}
@@ -136,21 +139,23 @@ def test_streaming_equals_full(hybrid):
     assert np.max(np.abs(np.concatenate(outs, 1) - full)) <= 1e-5
 
 
-def test_noop_graft_equals_base_and_trains():
-    base_cfg = dataclasses.replace(CFG, ttt=dataclasses.replace(TTT, enable=False))
-    base_model = MoshiTTTLM(base_cfg)
-    x = tokens(2)
-    # A base model's params: a hybrid's without its TTT sub-blocks (same tree as base_model's).
-    full = random_params(6)
-    base = {k: v for k, v in full.items() if k != "transformer"}
+def backbone(params):
+    """A base model's params: a hybrid's without its TTT sub-blocks (``BASE_MODEL``'s tree)."""
+    base = {k: v for k, v in params.items() if k != "transformer"}
     base["transformer"] = {name: {k: v for k, v in layer.items() if k != "seq_modeling_block"}
-                           for name, layer in full["transformer"].items()}
+                           for name, layer in params["transformer"].items()}
+    return base
+
+
+def test_noop_graft_equals_base_and_trains():
+    x = tokens(2)
+    base = backbone(random_params(6))
     assert jax.tree.structure(base) == jax.tree.structure(
-        jax.eval_shape(base_model.init, jax.random.PRNGKey(0), x)["params"])
+        jax.eval_shape(BASE_MODEL.init, jax.random.PRNGKey(0), x)["params"])
     cfg = dataclasses.replace(CFG, ttt=dataclasses.replace(TTT, noop_init=True))
     params, report = graft(base, cfg, target=random_params(4))
     assert report.missing and all(param_group(k) != "backbone" for k in report.missing)
-    want = jax.jit(base_model.apply)({"params": base}, x)
+    want = BASE_APPLY({"params": base}, x)
     got = APPLY({"params": params}, x)  # MoshiTTTLM(cfg) computes what MODEL does
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -163,6 +168,24 @@ def test_noop_graft_equals_base_and_trains():
     new = [k for k in grads if param_group(k) != "backbone"]
     dead = [k for k in new if float(jnp.max(jnp.abs(grads[k]))) == 0.0]
     assert new and not dead, dead
+
+
+@pytest.mark.parametrize("noop", [True, False])
+def test_module_init_honours_noop_init(noop):
+    """``MoshiTTTLM(cfg).init`` itself zeroes every grafted ``o_proj`` with ``ttt.noop_init``: the
+    logits are then bit-identical to the base model's with the same backbone params."""
+    cfg = dataclasses.replace(CFG, ttt=dataclasses.replace(TTT, noop_init=noop))
+    x = tokens(3)
+    params = jax.jit(MoshiTTTLM(cfg).init)(jax.random.PRNGKey(3), x[:, :MINI_BATCH])["params"]
+    o_proj = {k: v for k, v in flatten(params).items() if k.endswith("ttt_layer/o_proj/kernel")}
+    assert len(o_proj) == len(CFG.ttt_layers)
+    assert all(bool(jnp.any(v)) != noop for v in o_proj.values())
+    want = np.asarray(BASE_APPLY({"params": backbone(params)}, x))
+    got = np.asarray(APPLY({"params": params}, x))  # noop_init changes the init, not the forward
+    if noop:
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert np.max(np.abs(got - want)) > 1e-3
 
 
 def test_freeze_backbone_and_lr_multipliers_on_one_step():

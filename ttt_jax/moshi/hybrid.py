@@ -34,6 +34,9 @@ from ttt_jax.types import SequenceMetadata
 class TTTBlock(nn.Module):
     """``tanh(alpha) * TTT(x)``: the grafted sub-block (the caller adds the residual).
 
+    With ``ttt.noop_init`` the TTT layer's ``o_proj`` kernel is initialised to zeros, so a
+    freshly initialised block adds exactly nothing.
+
     Attributes:
       config: the model config (its ``ttt`` args and width).
       dtype: compute dtype.
@@ -44,7 +47,7 @@ class TTTBlock(nn.Module):
 
     def setup(self):
         cfg, args = self.config, self.config.ttt
-        self.ttt_layer = TTTLayer(cfg.ttt_config, self.dtype)
+        self.ttt_layer = TTTLayer(cfg.ttt_config, self.dtype, noop_init=args.noop_init)
         self.forward_ssm_gating = GatingAlpha(args.initial_gating_alpha)
         if args.pre_norm:
             self.ttt_norm = make_norm(cfg.transformer)

@@ -41,17 +41,20 @@ class TTTLayer(nn.Module):
     Attributes:
       config: the layer's ``TTTConfig``.
       dtype: compute dtype of the projections; the inner loop always runs in float32.
+      noop_init: initialise the ``o_proj`` kernel to zeros (instead of the normal initialiser),
+        so that the freshly initialised layer outputs exactly zero.
     """
 
     config: TTTConfig
     dtype: Any = jnp.float32
+    noop_init: bool = False
 
     def setup(self):
         cfg = self.config
         d, h, f, b = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.mini_batch_size
         normal = nn.initializers.normal(cfg.initializer_range)
-        dense = lambda name: nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=normal,
-                                      name=name)
+        dense = lambda name, init=normal: nn.Dense(d, use_bias=False, dtype=self.dtype,
+                                                   kernel_init=init, name=name)
         self.q_proj = dense("q_proj")
         if cfg.share_qk:
             self.conv_q = CausalDepthwiseConv(cfg.conv_kernel, self.dtype)
@@ -59,7 +62,7 @@ class TTTLayer(nn.Module):
         else:
             self.k_proj = dense("k_proj")
         self.v_proj = dense("v_proj")
-        self.o_proj = dense("o_proj")
+        self.o_proj = dense("o_proj", nn.initializers.zeros if self.noop_init else normal)
         if cfg.use_gate:
             self.g_proj = dense("g_proj")
         self.post_norm = nn.LayerNorm(epsilon=POST_NORM_EPS, use_fast_variance=False,
