@@ -69,16 +69,16 @@ def full_forward(pair, inputs):
     return _FULL[key]
 
 
-_STEP = {}
+_STREAM = {}
 
 
-def stepper(pair):
-    """A jitted ``step(cache, x)`` of the case (one per case, so its compiles are shared)."""
-    if id(pair) not in _STEP:
+def streamer(pair):
+    """A jitted ``stream(cache, x)`` of the case (one per case, so its compiles are shared)."""
+    if id(pair) not in _STREAM:
         _, _, model, params = pair
-        _STEP[id(pair)] = jax.jit(
-            lambda c, x: model.apply({"params": params}, x, c, method="step"))
-    return _STEP[id(pair)]
+        _STREAM[id(pair)] = jax.jit(
+            lambda c, x: model.apply({"params": params}, x, c, method="stream"))
+    return _STREAM[id(pair)]
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +116,10 @@ def test_streaming_matches_moshi_streaming(pair, inputs):
         want = np.concatenate([ref(torch.from_numpy(inputs[:, t:t + 1])).numpy()
                                for t in range(LENGTH)], axis=1)
     cache = model.apply(variables, BATCH, method="init_cache")
-    step = stepper(pair)
+    stream = streamer(pair)
     outs = []
     for t in range(LENGTH):
-        y, cache = step(cache, jnp.asarray(inputs[:, t:t + 1]))
+        y, cache = stream(cache, jnp.asarray(inputs[:, t:t + 1]))
         outs.append(np.asarray(y))
     got = np.concatenate(outs, axis=1)
     assert np.max(np.abs(want - got)) <= ATOL
@@ -135,10 +135,10 @@ def test_chunked_streaming_matches_full(pair, inputs):
     variables = {"params": params}
     full = full_forward(pair, inputs)
     cache = model.apply(variables, BATCH, method="init_cache")
-    step = stepper(pair)
+    stream = streamer(pair)
     outs = []
     for a, b in [(0, 37)] + [(t, t + 1) for t in range(37, LENGTH)]:
-        y, cache = step(cache, jnp.asarray(inputs[:, a:b]))
+        y, cache = stream(cache, jnp.asarray(inputs[:, a:b]))
         outs.append(np.asarray(y))
     assert np.max(np.abs(np.concatenate(outs, axis=1) - full)) <= 1e-5
 

@@ -120,21 +120,21 @@ def test_streaming_equals_full(hybrid):
     variables = {"params": params}
     x = tokens(1)
     full = np.asarray(apply(variables, x))
-    step = jax.jit(lambda c, t: model.apply(variables, t, c, method="step"))
+    stream = jax.jit(lambda c, t: model.apply(variables, t, c, method="stream"))
     cache = model.apply(variables, BATCH, method="init_cache")
     outs = []
     for t in range(LENGTH):  # one frame at a time, past the context and several mini-batches
-        y, cache = step(cache, x[:, t:t + 1])
+        y, cache = stream(cache, x[:, t:t + 1])
         outs.append(np.asarray(y))
     assert np.max(np.abs(np.concatenate(outs, 1) - full)) <= 1e-5
     assert cache["layers"][1]["attn"]["k"].shape[2] == CONTEXT
     np.testing.assert_array_equal(np.asarray(cache["offset"]), [LENGTH, LENGTH])
     # A chunk of 5 frames (ending mid mini-batch), then single frames again.
     cache = model.apply(variables, BATCH, method="init_cache")
-    outs, cache = step(cache, x[:, :5])
+    outs, cache = stream(cache, x[:, :5])
     outs = [np.asarray(outs)]
     for t in range(5, LENGTH):
-        y, cache = step(cache, x[:, t:t + 1])
+        y, cache = stream(cache, x[:, t:t + 1])
         outs.append(np.asarray(y))
     assert np.max(np.abs(np.concatenate(outs, 1) - full)) <= 1e-5
 

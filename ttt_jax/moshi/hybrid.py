@@ -11,7 +11,7 @@ layer ``seq_modeling_block/ttt_layer/...`` (a ``TTTLayer``) and
 The whole model (``MoshiTTTLM``): ``K`` token streams, one embedding ``emb_{k}`` each, summed
 per frame -> ``transformer`` -> ``out_norm`` -> one head ``linears_{k}`` per stream.
 
-Streaming: ``init_cache`` then ``step`` frame chunks; the attention keeps a KV cache of
+Streaming: ``init_cache`` then ``stream`` frame chunks; the attention keeps a KV cache of
 ``context`` frames, a grafted layer its TTT state (``TTTLayer.stream``), and the output equals
 the full forward.
 """
@@ -62,7 +62,7 @@ class TTTBlock(nn.Module):
     def init_cache(self, batch: int):
         return self.ttt_layer.init_cache(batch)
 
-    def step(self, x, cache):
+    def stream(self, x, cache):
         y, cache = self.ttt_layer.stream(self._input(x), cache)
         return self.forward_ssm_gating(y), cache
 
@@ -117,12 +117,12 @@ class HybridLayer(nn.Module):
             cache["ttt"] = self.seq_modeling_block.init_cache(batch)
         return cache
 
-    def step(self, x, positions, cache):
-        h, attn = self.self_attn.step(self.norm1(x), positions, cache["attn"])
+    def stream(self, x, positions, cache):
+        h, attn = self.self_attn.stream(self.norm1(x), positions, cache["attn"])
         x = x + self._scale(1, h)
         new = {"attn": attn}
         if self.grafted:
-            h, new["ttt"] = self.seq_modeling_block.step(x, cache["ttt"])
+            h, new["ttt"] = self.seq_modeling_block.stream(x, cache["ttt"])
             x = x + h
         return self._ffn(x), new
 
@@ -153,12 +153,12 @@ class StreamingTransformer(nn.Module):
         return {"offset": jnp.zeros((batch,), jnp.int32),
                 "layers": [layer.init_cache(batch) for layer in self.layers]}
 
-    def step(self, x, cache):
+    def stream(self, x, cache):
         """Continues the streams by ``x: [B, T, d]``; returns ``(y, cache)``."""
         positions = _positions(x.shape[0], x.shape[1], cache["offset"])
         new = []
         for layer, c in zip(self.layers, cache["layers"]):
-            x, c = layer.step(x, positions, c)
+            x, c = layer.stream(x, positions, c)
             new.append(c)
         return x, {"offset": cache["offset"] + x.shape[1], "layers": new}
 
@@ -214,8 +214,8 @@ class MoshiTTTLM(nn.Module):
         """Fresh streaming state for ``batch`` streams (call with ``method="init_cache"``)."""
         return self.transformer.init_cache(batch)
 
-    def step(self, tokens, cache):
+    def stream(self, tokens, cache):
         """Streaming: logits of the new frames ``tokens`` and the updated cache."""
         frames = self._frames(tokens)
-        x, cache = self.transformer.step(self._embed(frames), cache)
+        x, cache = self.transformer.stream(self._embed(frames), cache)
         return self._logits(x, tokens.ndim == 2), cache

@@ -111,7 +111,7 @@ class MoshiAttention(nn.Module):
         q, k, v = self._qkv(x, positions)
         return self._attend(q, k, v, window_mask(positions, positions, self.config.context))
 
-    def step(self, x, positions, cache):
+    def stream(self, x, positions, cache):
         """Streaming: attend over the cached ``context`` keys plus the new ones.
 
         Args:
