@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from ttt_jax.moshi.config import MoshiTTTConfig, MoshiTransformerConfig  # noqa: E402
 from ttt_jax.moshi.convert import from_state_dict, to_state_dict  # noqa: E402
 from ttt_jax.moshi.hybrid import StreamingTransformer  # noqa: E402
+from ttt_jax.tree import path_str  # noqa: E402
 
 D, HEADS, LAYERS, CONTEXT, FFN = 64, 4, 2, 32, 256
 LENGTH, BATCH = 45, 2  # LENGTH > CONTEXT: the window matters
@@ -146,7 +147,6 @@ def test_chunked_streaming_matches_full(pair, inputs):
 def test_noop_graft_on_moshi_weights_equals_moshi(inputs):
     """Real moshi weights, imported, with a no-op TTT layer grafted into layer 1: same output."""
     from ttt_jax.moshi.config import TTTArgs
-    from ttt_jax.moshi.training import noop_graft
 
     ref, cfg, _, _ = build_pair(*CASES[0])
     hybrid_cfg = dataclasses.replace(cfg, ttt=TTTArgs(enable=True, layers="1", mini_batch_size=4,
@@ -155,7 +155,9 @@ def test_noop_graft_on_moshi_weights_equals_moshi(inputs):
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, D)))["params"]
     rng = np.random.default_rng(0)  # random TTT params: only the zero o_proj makes it a no-op
     target = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-    params, kept = from_state_dict(hybrid_cfg, ref.state_dict(), noop_graft(target, hybrid_cfg),
+    target = jax.tree_util.tree_map_with_path(  # zero o_proj: what noop_init's init gives
+        lambda p, v: np.zeros_like(v) if path_str(p).endswith("o_proj/kernel") else v, target)
+    params, kept = from_state_dict(hybrid_cfg, ref.state_dict(), target,
                                    scope="transformer", require_ttt=False)
     assert kept and all("seq_modeling_block" in k for k in kept)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from ttt_jax.moshi.config import (MoshiRunConfig, MoshiTTTConfig, MoshiTransform
 from ttt_jax.moshi.convert import from_state_dict, save_safetensors, to_state_dict
 from ttt_jax.cli import main
 from ttt_jax.moshi.export import load_torch, save_torch
-from ttt_jax.moshi.training import init_params
+from ttt_jax import registry
 from ttt_jax.tree import flatten
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ CFG = MoshiTTTConfig(
 
 def random_params(cfg, seed=0):
     """Params of ``cfg`` with random values (shapes from eval_shape; nothing compiled)."""
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = registry.get("moshi_ttt").param_shapes(cfg)
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 

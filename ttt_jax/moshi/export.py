@@ -26,11 +26,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from ttt_jax import registry
 from ttt_jax.config import from_dict, to_dict
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
 from ttt_jax.moshi.convert import (from_state_dict, load_safetensors, save_safetensors,
                                    to_state_dict)
-from ttt_jax.moshi.training import init_params
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,7 +74,7 @@ def load_torch(in_dir: str | Path) -> tuple[MoshiTTTConfig, dict]:
         raise ValueError(f"{d / CONFIG_NAME} has no ttt_jax_moshi block of format version "
                          f"{FORMAT_VERSION}")
     cfg = from_dict(MoshiTTTConfig, meta["config"], "model")
-    target = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    target = registry.get("moshi_ttt").param_shapes(cfg)
     target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target)
     params, _ = from_state_dict(cfg, load_safetensors(d / WEIGHTS_NAME), target)
     return cfg, params
@@ -83,7 +83,6 @@ def load_torch(in_dir: str | Path) -> tuple[MoshiTTTConfig, dict]:
 def import_moshi(weights: str | Path, run_cfg: MoshiRunConfig, out_run_dir: str | Path, *,
                  prefix: str = "", seed: int = 0, print_fn=print) -> Path:
     """A run directory (step 0) whose params are ``weights``' backbone plus new TTT layers."""
-    from ttt_jax import registry
     from ttt_jax.checkpoint import Checkpointer
 
     cfg = run_cfg.model
