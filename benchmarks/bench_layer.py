@@ -3,7 +3,7 @@
 Measures tokens/s of ``TTTLayer`` (float32) forward and forward+backward
 (``jax.value_and_grad`` of ``mean(y ** 2)`` w.r.t. the params, jitted) for TTT-Linear and
 TTT-MLP, and, in the same run and shapes, of the same layer with the inner loop replaced by
-``ttt_jax.math.ttt.ttt_primal`` (a ``lax.scan`` over tokens, DESIGN §1.7), same params.
+``ttt_jax.math.ttt.ttt_primal`` (a ``lax.scan`` over tokens, docs/architecture.md §1.7), same params.
 
 Timing: each function is lowered and compiled first (reported as ``compile_s``, excluded from
 the throughput), run ``--warmup`` times, then ``--repeats`` times with ``jax.block_until_ready``;

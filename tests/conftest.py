@@ -7,7 +7,7 @@ import pytest
 
 from ttt_jax import ModelConfig, TTTConfig
 
-# Shapes used throughout the tests (STYLE.md): L=13 covers L % b != 0.
+# Shapes used throughout the tests: L=13 covers L % b != 0.
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
 
 

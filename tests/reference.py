@@ -1,6 +1,6 @@
 """An independent, naive float64 numpy reference of the whole TTT layer in the primal form.
 
-Written from DESIGN.md §1 only (no ttt_jax code is called or copied), slow and explicit on
+Written from docs/architecture.md §1 only (no ttt_jax code is called or copied), slow and explicit on
 purpose: Python loops over batch rows, heads and tokens, every inner gradient derived by hand
 (textbook LayerNorm backward, hand-derived tanh-GELU derivative). Tests compare the library
 against this; ``test_ttt_correctness.py`` checks the hand gradients with finite differences.
@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-# DESIGN §1.5 / §1.8: eps of the per-head inner LayerNorm and of post_norm.
+# docs/architecture.md §1.5 / §1.8: eps of the per-head inner LayerNorm and of post_norm.
 LN_EPS = 1e-6
 # Smallest norm divided by in the Q/K L2 normalisation.
 L2_EPS = 1e-12
@@ -95,7 +95,7 @@ def inner_forward(state, k):
 
 
 def inner_loss(state, k, v, ln_w, ln_b):
-    """``0.5 || LN(f_pre(k)) - (v - k) ||^2`` for one token (DESIGN §1.5)."""
+    """``0.5 || LN(f_pre(k)) - (v - k) ||^2`` for one token (docs/architecture.md §1.5)."""
     _, pre = inner_forward(state, k)
     r = layer_norm(pre[-1], ln_w, ln_b) - (v - k)
     return 0.5 * float((r ** 2).sum())
@@ -232,7 +232,7 @@ def inner_params(p, cfg):
 
 
 def layer_inputs(params, cfg, x, position_ids=None, ttt_base_lr=None):
-    """Projections, optional L2 norm and RoPE, learning rates (DESIGN §1.1-1.4).
+    """Projections, optional L2 norm and RoPE, learning rates (docs/architecture.md §1.1-1.4).
 
     Args:
       params: the TTTLayer params dict (``variables['params']``), any array type.
@@ -272,7 +272,7 @@ def layer_inputs(params, cfg, x, position_ids=None, ttt_base_lr=None):
 
 
 def layer_output(params, cfg, ttt_out, x):
-    """Merge heads -> post_norm -> optional gate -> o_proj (DESIGN §1.8)."""
+    """Merge heads -> post_norm -> optional gate -> o_proj (docs/architecture.md §1.8)."""
     p = to_f64(params)
     x = np.asarray(x, np.float64)
     bsz, heads, length, f = ttt_out.shape

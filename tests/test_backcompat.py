@@ -1,4 +1,4 @@
-"""Backward compatibility of the RoPE switch (DESIGN §1.3, §3): off by default, absent from the
+"""Backward compatibility of the RoPE switch (docs/architecture.md §1.3, §3): off by default, absent from the
 traced program when off, no new parameters, metadata optional, and params interchangeable."""
 
 import re
@@ -13,7 +13,7 @@ import yaml
 from ttt_jax import (TTTLM, ModelConfig, RunConfig, SequenceMetadata, TTTConfig, TTTLayer,
                      from_dict, load_config, to_dict)
 
-# The shapes of tests/conftest.py (STYLE.md §3).
+# The shapes of tests/conftest.py.
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
 LENGTH = 13  # L % b != 0
 VOCAB = 32

@@ -48,7 +48,7 @@ def test_configs_exist():
 
 
 def expected_param_count(model: dict) -> int:
-    """Parameter count from the YAML's numbers alone (DESIGN §1-2), written out term by term."""
+    """Parameter count from the YAML's numbers alone (docs/architecture.md §1-2), written out term by term."""
     ttt = model["ttt"]
     v, n_layers, inter = model["vocab_size"], model["num_layers"], model["intermediate_size"]
     d, h = ttt["model_dim"], ttt["num_heads"]

@@ -2,7 +2,7 @@
 
 The expected state-dict keys and shapes are derived here from ttt-lm-pytorch's naming rules,
 independently of the export table; logits are checked against ``torch_reference.py`` (a
-PyTorch primal-form TTT-LM written from DESIGN.md) loaded from the exported files.
+PyTorch primal-form TTT-LM written from docs/architecture.md) loaded from the exported files.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 2 * MINI_BATCH + 3  # two whole mini-batches and a partial one
 VOCAB = 32
-PARITY_ATOL = 1e-4  # DESIGN §4: max abs logit difference in float32
+PARITY_ATOL = 1e-4  # docs/architecture.md §4: max abs logit difference in float32
 
 # The variant grid: each option of the export appears on and off across the rows.
 VARIANTS = {

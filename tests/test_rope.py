@@ -1,4 +1,4 @@
-"""Bounded-position RoPE (DESIGN §1.3): the table, both layouts, position bounding, dtypes,
+"""Bounded-position RoPE (docs/architecture.md §1.3): the table, both layouts, position bounding, dtypes,
 gradients, and where the rotation sits inside the TTT layer.
 
 Every expected value comes from a hand-written definition (explicit Python loops over the
@@ -18,7 +18,7 @@ from ttt_jax import SequenceMetadata, TTTConfig, TTTLayer
 from ttt_jax.config import from_dict
 from ttt_jax.math.rope import apply_bounded_rope, inv_frequencies, rope_table
 
-# The shapes of tests/conftest.py (STYLE.md §3).
+# The shapes of tests/conftest.py.
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
 HEAD_DIM = DIM // HEADS
 LENGTH = 13  # L % b != 0

@@ -35,7 +35,7 @@ def setup():
 
 
 def test_grad_accumulation_equals_one_big_batch(setup):
-    """k micro-batches of m sequences give the update of one batch of k*m (DESIGN §4)."""
+    """k micro-batches of m sequences give the update of one batch of k*m (docs/architecture.md §4)."""
     model, optimizer, state, tokens = setup
     step = jax.jit(training.make_train_step(model, optimizer))
     one, m_one = step(state, tokens[None])  # [1, 8, L+1]

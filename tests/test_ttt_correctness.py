@@ -1,6 +1,6 @@
 """The TTT layer and its inner loop against the independent float64 numpy reference.
 
-``tests/reference.py`` implements DESIGN §1 naively in the primal form. Here we
+``tests/reference.py`` implements docs/architecture.md §1 naively in the primal form. Here we
 (a) validate the reference's hand-derived inner gradients with central finite differences,
 (b) compare ``TTTLayer.apply`` (float32) with the reference across every option,
 (c) compare the pure ``ttt_dual`` (with and without remat) and ``ttt_primal`` with the reference
@@ -32,7 +32,7 @@ from ttt_jax.math.ttt import ttt_dual, ttt_primal
 
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
 HEAD_DIM = DIM // HEADS
-# float32 library vs float64 reference, max abs (the bound DESIGN.md sets).
+# float32 library vs float64 reference, max abs (the bound docs/architecture.md sets).
 ATOL = 1e-5
 # The inner update must move the reference output by at least this much (>> ATOL), otherwise
 # a comparison could pass with TTT silently disabled.

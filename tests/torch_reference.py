@@ -1,6 +1,6 @@
 """A compact PyTorch (float32) TTT-LM forward that reads an export by the reference key names.
 
-Written from DESIGN.md §1-§2 only: no ttt_jax code, and not ttt-lm-pytorch's code. The inner
+Written from docs/architecture.md §1-§2 only: no ttt_jax code, and not ttt-lm-pytorch's code. The inner
 loop is the **primal** form with per-token gradients from ``torch.autograd`` (the library uses a
 closed-form dual form), RoPE rotates interleaved pairs as complex numbers by ``position % b``
 (ttt-lm-pytorch's behaviour; it never rotates in the half layout), convs use ``F.conv1d``.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-# DESIGN §1.5 / §1.8: eps of the per-head inner LayerNorm and of post_norm.
+# docs/architecture.md §1.5 / §1.8: eps of the per-head inner LayerNorm and of post_norm.
 LN_EPS = 1e-6
 
 

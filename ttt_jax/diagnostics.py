@@ -1,7 +1,7 @@
 """TTT inner-loop diagnostics: the self-supervised loss of every token, computed three ways.
 
 For token ``t`` of mini-batch ``m`` and an inner state ``S`` the loss is the one the inner loop
-descends (DESIGN §1.5): ``0.5 * || LN(f(XK_t; S)) - (XV_t - XK_t) ||^2``. It is evaluated with
+descends (docs/architecture.md §1.5): ``0.5 * || LN(f(XK_t; S)) - (XV_t - XK_t) ||^2``. It is evaluated with
 
 * ``w0``: the initial weights ``W0`` (the layer's learned initial state, never updated);
 * ``before``: the state at the start of mini-batch ``m`` (before its gradient step);
@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax.math import inner
-from ttt_jax.math.inner import mm
-from ttt_jax.math.layernorm import layer_norm
 from ttt_jax.math.ttt import token_weights
 
 KINDS = ("w0", "before", "after")
@@ -41,7 +39,7 @@ def reconstruction_loss(state, xk, xv, ln_weight, ln_bias):
 
 
 def _update(state, xk, xv, lr, tok, ln_weight, ln_bias):
-    """The state after one mini-batch (DESIGN §1.6): ``W' = W - (eta_last^T * XK)^T G``."""
+    """The state after one mini-batch (docs/architecture.md §1.6): ``W' = W - (eta_last^T * XK)^T G``."""
     acts, _, gs = inner.loss_grads(state, xk, xv, ln_weight, ln_bias)
     return inner.step(state, acts, gs, tok[-1] * lr)
 

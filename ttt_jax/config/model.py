@@ -12,13 +12,13 @@ RopeLayout = Literal["interleaved", "half"]
 DType = Literal["float32", "bfloat16"]
 SeqModeling = Literal["ttt", "swa"]
 
-# The width of TTT-MLP's hidden layer, in multiples of the head dim (DESIGN §1.5).
+# The width of TTT-MLP's hidden layer, in multiples of the head dim (docs/architecture.md §1.5).
 MLP_EXPANSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class TTTConfig:
-    """The TTT layer (DESIGN §1).
+    """The TTT layer (docs/architecture.md §1).
 
     Attributes:
       model_dim: width ``d`` of the layer's input and output.
@@ -92,7 +92,7 @@ class TTTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The TTT-LM (DESIGN §2): embed -> blocks -> RMSNorm -> lm_head.
+    """The TTT-LM (docs/architecture.md §2): embed -> blocks -> RMSNorm -> lm_head.
 
     Attributes:
       vocab_size: number of token ids.

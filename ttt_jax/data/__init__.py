@@ -1,4 +1,4 @@
-"""Built-in training data, no download (DESIGN §5): bytes corpus, associative recall, token files.
+"""Built-in training data, no download (docs/architecture.md §5): bytes corpus, associative recall, token files.
 
 ``make_dataset`` returns a :class:`Dataset` whose ``batch(step)`` is a pure function of
 ``(seed, split, step)``, so resuming at step ``k`` replays exactly the batches of a straight run.

@@ -1,8 +1,8 @@
-"""The dataset interface and the windowed loader shared by the corpus sources (DESIGN §5).
+"""The dataset interface and the windowed loader shared by the corpus sources (docs/architecture.md §5).
 
 A dataset is a pure function of ``(seed, split, step)``: ``batch(step)`` always returns the same
 array for the same step, so the "data position" a checkpoint stores is just the step, and a
-resumed run asks for step ``k`` and gets exactly the batch a straight run got (DESIGN §4).
+resumed run asks for step ``k`` and gets exactly the batch a straight run got (docs/architecture.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Synthetic associative recall: a long-range task whose answers are known (DESIGN §5).
+"""Synthetic associative recall: a long-range task whose answers are known (docs/architecture.md §5).
 
 Token ids (``V = recall_vocab``): ``0`` is padding, keys are ``[1, 1 + K)`` and values are
 ``[1 + K, V)`` with ``K = (V - 1) // 2``, so a key can never be mistaken for a value.

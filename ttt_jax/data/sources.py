@@ -1,4 +1,4 @@
-"""Built-in data sources, none of which downloads anything (DESIGN §5).
+"""Built-in data sources, none of which downloads anything (docs/architecture.md §5).
 
 * ``bytes``: a byte-level corpus made from the Python standard library's own source files.
 * ``recall``: synthetic multi-query associative recall (see :mod:`ttt_jax.data.recall`).
@@ -265,7 +265,7 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int, seed: int,
                  val_fraction: float = DEFAULT_VAL_FRACTION,
                  max_bytes: int = DEFAULT_MAX_BYTES, val_every: int = DEFAULT_VAL_EVERY,
                  bytes_pattern: str = DEFAULT_BYTES_PATTERN) -> Dataset:
-    """Builds a built-in data source (DESIGN §5); nothing is downloaded.
+    """Builds a built-in data source (docs/architecture.md §5); nothing is downloaded.
 
     Args:
       source: ``"bytes"``, ``"recall"`` or ``"tokens"``.

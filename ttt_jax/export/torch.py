@@ -1,4 +1,4 @@
-"""Export TTT-LM params to the ttt-lm-pytorch format and import them back (DESIGN §4, §8).
+"""Export TTT-LM params to the ttt-lm-pytorch format and import them back (docs/architecture.md §4, §8).
 
 ``save_torch`` writes a directory that ttt-lm-pytorch's ``TTTForCausalLM.from_pretrained`` loads
 with strict keys: ``config.json`` (every reference field, plus a ``ttt_jax`` block that holds our
@@ -37,7 +37,7 @@ INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 # Version of the ``ttt_jax`` block written into config.json.
 FORMAT_VERSION = 1
-# DESIGN §8: a "flax" format tag sends from_pretrained down a conversion path that crashes.
+# docs/architecture.md §8: a "flax" format tag sends from_pretrained down a conversion path that crashes.
 SAFETENSORS_METADATA = {"format": "pt"}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16"}
 

@@ -1,4 +1,4 @@
-"""Inner models of the TTT layer (DESIGN §1.5) as one code path: a stack of dense layers.
+"""Inner models of the TTT layer (docs/architecture.md §1.5) as one code path: a stack of dense layers.
 
 TTT-Linear is one layer ``f -> f``; TTT-MLP is two, ``f -> 4f -> f`` with ``gelu_tanh`` between.
 A state is a tuple of ``(W, bias)`` pairs, ``W: [..., f_in, f_out]`` and

@@ -1,4 +1,4 @@
-"""Per-head LayerNorm and its backward fused with the L2 reconstruction loss (DESIGN §1.5)."""
+"""Per-head LayerNorm and its backward fused with the L2 reconstruction loss (docs/architecture.md §1.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bounded-position rotary embeddings (DESIGN §1.3). Pure functions, no Flax.
+"""Bounded-position rotary embeddings (docs/architecture.md §1.3). Pure functions, no Flax.
 
 The table has exactly ``mini_batch_size`` rows: positions are reduced ``% mini_batch_size``
 before the lookup, so a rotation never extrapolates past what training saw, whatever the stream

@@ -1,4 +1,4 @@
-"""The TTT inner loop over a sequence: dual form per mini-batch, scanned (DESIGN §1.6-1.7).
+"""The TTT inner loop over a sequence: dual form per mini-batch, scanned (docs/architecture.md §1.6-1.7).
 
 Inputs are per head and already projected: ``xq, xk, xv: [B, H, L, f]`` float32 and the
 per-token learning rates ``lr: [B, H, L]``. Every mini-batch of ``b`` tokens starts from the
@@ -28,7 +28,7 @@ from ttt_jax.math.layernorm import layer_norm
 
 
 def token_weights(learnable_token_idx: Float[Array, "b"]) -> Float[Array, "b"]:
-    """``tok[i] = max(0, 1/(i+1) + learnable_token_idx[i])`` (DESIGN §1.4)."""
+    """``tok[i] = max(0, 1/(i+1) + learnable_token_idx[i])`` (docs/architecture.md §1.4)."""
     b = learnable_token_idx.shape[-1]
     base = 1.0 / jnp.arange(1, b + 1, dtype=jnp.float32)
     return jnp.maximum(0.0, base + learnable_token_idx.astype(jnp.float32))
@@ -163,7 +163,7 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
         full = [x[:, :, :cut].reshape(bsz, heads, n, b, *x.shape[3:]) for x in (xq, xk, xv, lr)]
         state, z_bar = _dual_chunks(state, *full, tok, lnw, lnb, checkpoint_group)
         outs.append(z_bar.reshape(bsz, heads, cut, f))  # [B, H, n*b, f]
-    if r:  # the final partial mini-batch is a shorter mini-batch, no padding (DESIGN §1.7)
+    if r:  # the final partial mini-batch is a shorter mini-batch, no padding (docs/architecture.md §1.7)
         part = [x[:, :, n * b:, None] for x in (xq, xk, xv, lr)]  # [B, H, r, 1, ...]
         part = [jnp.swapaxes(x, 2, 3) for x in part]  # [B, H, 1, r, ...]
         state, z_bar = _dual_chunks(state, *part, tok[:r], lnw, lnb, 0)

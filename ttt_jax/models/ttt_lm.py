@@ -1,4 +1,4 @@
-"""The TTT-LM (DESIGN §2), ttt-lm-pytorch's ``TTTForCausalLM`` architecture.
+"""The TTT-LM (docs/architecture.md §2), ttt-lm-pytorch's ``TTTForCausalLM`` architecture.
 
 ``TTTLM`` is the ``CausalLM`` skeleton (``ttt_jax.models.causal_lm``) with a ``TTTLayer`` as
 the sequence layer of every block, whatever ``config.seq_modeling`` says. Besides the

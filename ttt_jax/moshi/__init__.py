@@ -1,4 +1,4 @@
-"""Moshi-TTT: Moshi's streaming transformer in Flax, with TTT layers grafted in (DESIGN §2)."""
+"""Moshi-TTT: Moshi's streaming transformer in Flax, with TTT layers grafted in (docs/architecture.md §2)."""
 
 from ttt_jax.moshi.config import (MoshiDataConfig, MoshiRunConfig, MoshiTransformerConfig,
                                   MoshiTTTConfig, TTTArgs)

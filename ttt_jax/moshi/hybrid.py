@@ -1,4 +1,4 @@
-"""The Moshi-TTT hybrid (DESIGN §2): Moshi's streaming transformer with TTT sub-blocks.
+"""The Moshi-TTT hybrid (docs/architecture.md §2): Moshi's streaming transformer with TTT sub-blocks.
 
 A layer is ``x += ls1(attn(norm1(x)))``, then, in the grafted layers,
 ``x += tanh(alpha) * TTT(x)`` (the raw residual stream, or ``RMSNorm(x)`` with

@@ -36,7 +36,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class TTTLayer(nn.Module):
-    """A TTT-Linear or TTT-MLP layer (DESIGN §1): ``[B, L, d] -> [B, L, d]``.
+    """A TTT-Linear or TTT-MLP layer (docs/architecture.md §1): ``[B, L, d] -> [B, L, d]``.
 
     Attributes:
       config: the layer's ``TTTConfig``.
@@ -130,7 +130,7 @@ class TTTLayer(nn.Module):
         return xq, xk, xv, lr, shared
 
     def output(self, ttt_out, x):
-        """Merge heads -> post_norm -> optional gate -> o_proj (DESIGN §1.8)."""
+        """Merge heads -> post_norm -> optional gate -> o_proj (docs/architecture.md §1.8)."""
         bsz, _, length, _ = ttt_out.shape
         out = jnp.transpose(ttt_out, (0, 2, 1, 3)).reshape(bsz, length, self.config.model_dim)
         out = self.post_norm(out)
