@@ -168,7 +168,8 @@ def test_committed_format_v1_checkpoint_keeps_loading():
         assert a.dtype == b.dtype and a.shape == b.shape
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state["params"])):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    logits = jax.jit(model.apply)({"params": restored.params}, np.zeros((1, 6), np.int32))
+    logits = jax.jit(arch.build_model(cfg.model).apply)({"params": restored.params},
+                                                        np.zeros((1, 6), np.int32))
     assert logits.shape == (1, 6, cfg.model.vocab_size) and np.isfinite(np.asarray(logits)).all()
 
 
