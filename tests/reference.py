@@ -12,6 +12,7 @@ size, ``F`` inner-MLP width.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -29,7 +30,7 @@ GELU_CUBIC = 0.044715
 
 def to_f64(tree):
     """Converts every leaf of a nested dict of arrays to a float64 numpy array."""
-    if isinstance(tree, dict) or hasattr(tree, "items"):
+    if isinstance(tree, Mapping):
         return {k: to_f64(v) for k, v in tree.items()}
     return np.asarray(tree, np.float64)
 

@@ -12,6 +12,7 @@ import yaml
 
 from ttt_jax import (TTTLM, ModelConfig, RunConfig, SequenceMetadata, TTTConfig, TTTLayer,
                      from_dict, load_config, to_dict)
+from jaxpr_walk import all_eqns
 
 # The shapes of tests/conftest.py.
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
@@ -28,17 +29,6 @@ def ttt_config(**kw):
 def model_config(**ttt_kw):
     return ModelConfig(vocab_size=VOCAB, num_layers=2, intermediate_size=32,
                        ttt=ttt_config(**ttt_kw))
-
-
-def all_eqns(jaxpr):
-    """Every equation of a (closed) jaxpr, recursing into scan/jit/remat/custom-rule bodies."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    yield from all_eqns(sub)
 
 
 def trig_ops(closed_jaxpr):

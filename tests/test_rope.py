@@ -17,6 +17,7 @@ import ttt_jax.math.rope as rope_mod
 from ttt_jax import SequenceMetadata, TTTConfig, TTTLayer
 from ttt_jax.config import from_dict
 from ttt_jax.math.rope import apply_bounded_rope, inv_frequencies, rope_table
+from jaxpr_walk import all_eqns
 
 # The shapes of tests/conftest.py.
 BATCH, DIM, HEADS, MINI_BATCH = 2, 16, 2, 4
@@ -60,17 +61,6 @@ def hand_rope(x, positions, b, theta, layout, sign=1.0):
                 out[bi, :, t, i] = a * c - bb * s
                 out[bi, :, t, j] = a * s + bb * c
     return out
-
-
-def primitive_eqns(jaxpr):
-    """All equations of a (closed) jaxpr, recursing into scan/jit/remat/custom-rule bodies."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    yield from primitive_eqns(sub)
 
 
 def rope_inputs(seed=0, length=LENGTH):
@@ -266,7 +256,7 @@ def test_bf16_in_bf16_out_float32_table(layout):
     chex.assert_type(list(rope_table(MINI_BATCH, HEAD_DIM, THETA)), jnp.float32)
     # The trig runs in float32 even for bf16 inputs.
     jaxpr = jax.make_jaxpr(lambda q, k: rope(q, k, pos, layout))(bq, bk)
-    trig = [e for e in primitive_eqns(jaxpr) if e.primitive.name in ("sin", "cos")]
+    trig = [e for e in all_eqns(jaxpr) if e.primitive.name in ("sin", "cos")]
     assert trig and all(e.outvars[0].aval.dtype == jnp.float32 for e in trig)
     # Only the bf16 rounding of the output separates it from the exact rotation of its input.
     exact = hand_rope(np.asarray(bq.astype(jnp.float32)), pos, MINI_BATCH, THETA, layout)

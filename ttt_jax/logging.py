@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 
 class MetricsWriter:
     """Appends one JSON object per line to ``path`` (``metrics.jsonl``)."""
@@ -17,7 +20,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
+        clean = {k: (float(v) if isinstance(v, (float, np.floating, np.ndarray, jax.Array)) else v)
                  for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")

@@ -202,7 +202,7 @@ def _modern_key(key: str) -> str:
 
 
 def _numpy(x):
-    if hasattr(x, "detach"):  # a torch tensor
+    if type(x).__module__.startswith("torch"):  # a torch tensor
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
 
