@@ -20,7 +20,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (float(v) if isinstance(v, (float, np.floating, np.ndarray, jax.Array)) else v)
+        clean = {k: (float(v) if isinstance(v, (float, np.number, np.ndarray, jax.Array)) else v)
                  for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
