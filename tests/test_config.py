@@ -38,10 +38,30 @@ def base(**ttt):
     return data
 
 
+# The presets the README names, by the name ``--config`` takes.
+README_PRESETS = {"tiny", "tiny_mlp_rope", "moshi_ttt_tiny", "moshi_ttt_7b",
+                  *(f"ttt_{k}_{s}" for k in ("linear", "mlp") for s in ("125m", "350m", "760m", "1.3b")),
+                  *(f"experiments/{task}_{kind}" for task in ("bytes", "recall")
+                    for kind in ("swa", "ttt_norope", "ttt_rope_bounded", "ttt_rope_unbounded"))}
+
+
 def test_configs_exist():
-    names = {p.name for p in CONFIGS}
-    assert "tiny.yaml" in names
-    assert len(CONFIGS) >= 2
+    """``configs/`` is the package's preset directory; every run YAML there is a preset that
+    ``--config NAME`` finds, the README's presets are all there, and ``tiny`` is what the README
+    says it is (byte-level, 2 layers, d=128)."""
+    from ttt_jax.cli import presets
+
+    assert (REPO / "configs").resolve() == presets.PRESET_DIR
+    on_disk = {p.relative_to(presets.PRESET_DIR).with_suffix("").as_posix()
+               for p in presets.PRESET_DIR.rglob("*.yaml")} - set(presets.NOT_RUNS)
+    assert set(presets.names()) == on_disk
+    assert README_PRESETS <= on_disk, sorted(README_PRESETS - on_disk)
+    for name in on_disk:
+        assert presets.resolve(name) == presets.PRESET_DIR / f"{name}.yaml"
+    tiny = load_config(TINY)
+    assert presets.load("tiny") == tiny
+    assert (tiny.data.source, tiny.model.vocab_size, tiny.model.num_layers,
+            tiny.model.ttt.model_dim) == ("bytes", 256, 2, 128)
 
 
 # ---------------------------------------------------------------- presets

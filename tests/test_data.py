@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 
 import numpy as np
 import pytest
@@ -28,10 +27,8 @@ def _save_tokens(tmp_path, tokens, name="toks.npy"):
 
 # --- bytes ------------------------------------------------------------------------------------
 
-def test_bytes_builds_fast_and_has_the_documented_shape():
-    start = time.perf_counter()
+def test_bytes_builds_and_has_the_documented_shape():
     ds = _bytes()
-    assert time.perf_counter() - start < 2.0
     assert isinstance(ds, Dataset)
     assert ds.vocab_size == BYTE_VOCAB_SIZE == 256
     batch = ds.batch(0)

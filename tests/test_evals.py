@@ -330,7 +330,25 @@ def test_cli_on_a_tiny_checkpoint(tiny_run, tmp_path):
     # an untrained byte model: about log(256) nats everywhere
     assert all(abs(b["loss"] - np.log(256)) < 0.5 for b in long["buckets"])
     assert set(m["recall"]) == {"4", "30"}
-    assert all(0 <= r["accuracy"] <= 1 for r in m["recall"].values())
+    # Recall against the model's own argmax: the same planted-key sequences (the task's
+    # generator, seed 0, drawn distance by distance) through one full forward here.
+    from ttt_jax.checkpoint import load_run
+    from ttt_jax.data import recall_sequence
+
+    saved = load_run(tiny_run)
+    forward = jax.jit(build_model(saved.config.model).apply)
+    rng = np.random.default_rng(0)
+    for dist in (4, 30):
+        examples = [recall_sequence(rng, 32, dist, recall_vocab=64, vocab_size=VOCAB)
+                    for _ in range(2)]
+        tokens = np.stack([ex.tokens for ex in examples])
+        logp = jax.nn.log_softmax(forward({"params": saved.params}, tokens[:, :-1]), axis=-1)
+        q, values = examples[0].query_pos, np.array([ex.value for ex in examples])
+        r = m["recall"][str(dist)]
+        assert r["accuracy"] == np.mean(np.argmax(np.asarray(logp[:, q]), -1) == values)
+        np.testing.assert_allclose(r["answer_loss"], -np.mean(np.asarray(logp[np.arange(2), q,
+                                                                              values])),
+                                   rtol=1e-5)
     assert [r["seq_len"] for r in m["recall"].values()] == [32, 32]  # the training length
     diag = m["ttt_diagnostics"]
     assert len(diag["layers"]) == 2 and diag["length"] == 24

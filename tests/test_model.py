@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference_lm
 from conftest import BATCH, DIM, HEADS, MINI_BATCH
 from ttt_jax import TTTLM, Block, ModelConfig, TTTConfig, TTTLayer, load_config
 from ttt_jax.models import build_model, causal_lm
@@ -120,12 +121,17 @@ def test_logits_computed(tiny_model_config, pre_conv, tied):
     tokens = tokens_for(cfg, (BATCH, LENGTH))
     variables = fast_jit(model.init)(init_key(1), tokens)
     assert_layout(variables["params"], expected_layout(cfg))
+    # Params moved away from init (whose zero biases and near-no-op TTT would hide terms).
+    rng = np.random.default_rng(2)
+    variables = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
+                             variables)
     logits = fast_jit(model.apply)(variables, tokens)
     chex.assert_shape(logits, (BATCH, LENGTH, cfg.vocab_size))
     chex.assert_type(logits, jnp.float32)
-    chex.assert_tree_all_finite(logits)
-    # Positions differ (the model is not constant along the sequence).
-    assert np.abs(np.diff(np.asarray(logits), axis=1)).max() > 1e-4
+    # The independent float64 numpy forward (tests/reference_lm.py).
+    want = reference_lm.logits(variables["params"], cfg, tokens)
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=1e-5)
+    assert np.abs(np.diff(want, axis=1)).max() > 1e-2  # not constant along the sequence
 
 
 @pytest.mark.parametrize("pre_conv, tied", [(False, True), (True, False)],
@@ -290,8 +296,28 @@ def test_causal_depthwise_conv_matches_numpy(kernel_size):
 # ---------------------------------------------------------------- full-size presets
 
 
+# ttt-lm-pytorch's TTT_STANDARD_CONFIGS (hidden size, intermediate size, layers, heads); the
+# README promises TTT-Linear and TTT-MLP at each, with the Llama-2 vocabulary (32000), b = 16,
+# bounded interleaved RoPE on and the reference's base learning rates (linear 1.0, mlp 0.1).
+STANDARD_SIZES = {"125m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),
+                  "760m": (1536, 4096, 24, 16), "1.3b": (2048, 5504, 24, 32)}
+BASE_LR = {"linear": 1.0, "mlp": 0.1}
+
+
 def test_presets_exist():
-    assert PRESETS, "no full-size presets under configs/"
+    """Exactly the README's full-size presets, each with the reference's standard shapes."""
+    want = {f"ttt_{kind}_{size}" for kind in BASE_LR for size in STANDARD_SIZES}
+    assert {p.stem for p in PRESETS} == want
+    for path in PRESETS:
+        _, kind, size = path.stem.split("_")
+        cfg = load_config(path).model
+        t = cfg.ttt
+        assert (t.model_dim, cfg.intermediate_size, cfg.num_layers, t.num_heads) \
+            == STANDARD_SIZES[size], path.stem
+        assert (cfg.vocab_size, t.mini_batch_size, t.ttt_layer_type, t.ttt_base_lr) \
+            == (32000, 16, kind, BASE_LR[kind]), path.stem
+        assert t.use_rope and t.rope_bounded and t.rope_layout == "interleaved", path.stem
+        assert cfg.tie_word_embeddings and cfg.seq_modeling == "ttt", path.stem
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
