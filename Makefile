@@ -6,10 +6,18 @@ CONFIG ?= configs/tiny.yaml
 
 .PHONY: install train test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The package with everything the tests use, so `make test` runs the whole suite (no skips) and
+# is what CI runs (.ci/run calls it): the test extra, torch (the export tests), and the moshi
+# extra's pins plus moshi itself, the reference of the Moshi backbone tests. moshi's metadata
+# pins older torch/numpy/safetensors, but its transformer runs on these, so it goes in without
+# its dependencies.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 safetensors==0.8.0
+	$(PY) -m pip install -q --no-deps moshi==0.2.13
+	$(PY) -m pip install -q einops==0.8.2 sentencepiece==0.2.3 huggingface_hub==2.4.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,7 +11,7 @@ from ttt_jax.config.checks import (_check_bools, _check_choice, _check_fraction,
                                    _check_positive_ints, _fail)
 from ttt_jax.config.model import ModelConfig
 
-DataSource = Literal["bytes", "recall", "tokens"]
+DataSource = Literal["bytes", "recall", "tokens", "prepared"]
 TokenDType = Literal["uint16", "uint32"]
 
 
@@ -64,12 +64,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training data: a built-in source (no download) or a user token file.
+    """Training data: a built-in source (no download), a user token file or a prepared corpus.
 
     Attributes:
       source: ``bytes`` (the Python standard library's source as bytes), ``recall`` (synthetic
-        associative recall) or ``tokens`` (a user ``.npy``/raw token file at ``path``).
+        associative recall), ``tokens`` (a user ``.npy``/raw token file at ``path``) or
+        ``prepared`` (a ``ttt-jax prepare`` output directory at ``prepared``).
       path: the token file for ``source: tokens``.
+      val_path: ``source: tokens``: a separate validation token file (same dtype); without it
+        the last ``val_fraction`` of ``path`` is the validation split.
+      prepared: a ``ttt-jax prepare`` output directory: its ``train.bin`` and ``val.bin``, dtype
+        and tokenizer (``meta.json``). Setting it implies ``source: prepared``. A config with
+        ``source: prepared`` and no ``prepared`` (the standard presets) loads, but ``--check``
+        and training stop and name the prepare command.
       token_dtype: dtype of a raw token file (``uint16`` or ``uint32``); a ``.npy`` file names
         its own dtype.
       seq_len: tokens per training sequence.
@@ -82,6 +89,8 @@ class DataConfig:
 
     source: DataSource = "bytes"
     path: Optional[str] = None
+    val_path: Optional[str] = None
+    prepared: Optional[str] = None
     token_dtype: Optional[TokenDType] = None
     seq_len: int = 128
     batch_size: int = 16
@@ -95,6 +104,21 @@ class DataConfig:
             _check_choice("data", "token_dtype", self.token_dtype, get_args(TokenDType))
         _check_positive_ints("data", self, ("seq_len", "batch_size", "recall_num_pairs",
                                             "recall_vocab"))
+        for name in ("val_path", "prepared"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail("data", name, value, "a non-empty path or null")
+        if self.prepared is not None:
+            if self.source == "bytes":  # the default: data.prepared alone selects it
+                object.__setattr__(self, "source", "prepared")
+            if self.source != "prepared":
+                _fail("data", "source", self.source, "'prepared' (or unset) with data.prepared")
+            if self.path is not None or self.val_path is not None:
+                _fail("data", "path" if self.path is not None else "val_path",
+                      self.path if self.path is not None else self.val_path,
+                      "null with data.prepared (the prepared directory names its files)")
+        if self.val_path is not None and self.source != "tokens":
+            _fail("data", "val_path", self.val_path, "null unless source=tokens")
         if self.source == "tokens" and not self.path:
             _fail("data", "path", self.path, "the path of a .npy or .bin token file when source=tokens")
         _check_fraction("data", "val_fraction", self.val_fraction)
