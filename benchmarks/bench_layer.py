@@ -8,12 +8,15 @@ TTT-MLP, and, in the same run and shapes, of the same layer with the inner loop 
 Timing: each function is lowered and compiled first (reported as ``compile_s``, excluded from
 the throughput), run ``--warmup`` times, then ``--repeats`` times with ``jax.block_until_ready``;
 ``tokens_per_s = B * L / median_s`` and ``us_per_token = 1e6 * median_s / (B * L)`` (flat
-across ``L`` means linear cost in the sequence length).
+across ``L`` means linear cost in the sequence length). ``peak_bytes``: argument + output +
+temp bytes from the compiled executable's ``memory_analysis()``.
 
 Output: JSON lines on stdout (and appended to ``--out``): one ``header`` line (versions,
 backend, device, CPU count, date), one ``result`` line per (impl, type, mode, L) and one
 ``summary`` line per (type, mode, L) with ``speedup_vs_primal`` = dual tokens/s / primal
-tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``).
+tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``), and at the
+end one ``scaling`` line per (type, mode) for the dual form: ``per_token_ratio`` (time per
+token against L = 2048) and the memory slope ``bytes_per_token`` of ``peak_bytes`` in L.
 
 The primal baseline is slow and memory-hungry in fwd+bwd (its scan keeps per-token residuals of
 the inner state: TTT-MLP at L=2048 takes about a minute per run and ~10 GB on a 2-core CPU),
@@ -24,6 +27,7 @@ Usage (from the repository root)::
   python benchmarks/bench_layer.py                     # d=512 H=8 b=16 B=2, L 512 2048 8192
   python benchmarks/bench_layer.py --quick             # tiny smoke run (~1 min, mostly compiling)
   python benchmarks/bench_layer.py --types linear --lengths 2048 --out /tmp/bench.jsonl
+  python benchmarks/bench_layer.py --impls dual --lengths 512 2048 8192 32768  # scaling
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    time_fn.last_peak_bytes = _peak_bytes(compiled)
     out = None
     for _ in range(warmup):
         out = jax.block_until_ready(compiled(*args))
@@ -106,6 +111,16 @@ def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int):
         out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
     return compile_s, times, out
+
+
+def _peak_bytes(compiled) -> Optional[int]:
+    """Argument + output + temp bytes that XLA plans for the compiled executable."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
 
 
 def emit(record: dict, out_path: Optional[str]) -> None:
@@ -161,6 +176,7 @@ def run_one(impl: str, cfg: TTTConfig, variables: Any, x: jax.Array, mode: str,
         "b": cfg.mini_batch_size, "tokens_per_s": bsz * length / med,
         "us_per_token": 1e6 * med / (bsz * length), "compile_s": compile_s, "median_s": med,
         "min_s": min(times), "max_s": max(times), "repeats": len(times),
+        "peak_bytes": time_fn.last_peak_bytes,
         # Other processes on the machine skew CPU timings: keep the load next to the numbers.
         "loadavg_1m": _loadavg(),
     }
@@ -179,8 +195,12 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return float(max(jax.tree.leaves(diffs)))
 
 
-def bench_shape(layer_type: str, length: int, args: argparse.Namespace) -> None:
-    """All impls and modes of one (type, L); emits result and summary lines."""
+def bench_shape(layer_type: str, length: int, args: argparse.Namespace,
+                dual_records: Optional[list] = None) -> None:
+    """All impls and modes of one (type, L); emits result and summary lines.
+
+    The dual form's result records are appended to ``dual_records`` (for ``scaling``).
+    """
     cfg = TTTConfig(model_dim=args.dim, num_heads=args.heads, mini_batch_size=args.mini_batch,
                     ttt_layer_type=layer_type)
     key_init, key_x = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), length))
@@ -194,6 +214,8 @@ def bench_shape(layer_type: str, length: int, args: argparse.Namespace) -> None:
                 continue
             records[impl], outs[impl] = run_one(impl, cfg, variables, x, mode, args)
             emit(records[impl], args.out)
+            if impl == "dual" and dual_records is not None:
+                dual_records.append(records[impl])
         summary = {"bench": BENCH, "kind": "summary", "ttt_layer_type": layer_type,
                    "mode": mode, "B": args.batch, "L": length, "d": args.dim, "H": args.heads,
                    "b": args.mini_batch}
@@ -242,12 +264,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def scaling(records: list, layer_type: str, mode: str, ref_len: int) -> Optional[dict]:
+    """Per-token time against ``L = ref_len`` and the memory slope, from the dual results.
+
+    ``per_token_ratio[L] = us_per_token(L) / us_per_token(ref_len)`` (1 = flat: linear cost);
+    ``bytes_per_token`` is the least-squares slope of ``peak_bytes`` against ``L`` (per batch
+    row and token: divided by ``B``) and ``memory_fit_max_rel_err`` how far the points are
+    from that line.
+    """
+    recs = sorted((r for r in records if r["ttt_layer_type"] == layer_type and r["mode"] == mode),
+                  key=lambda r: r["L"])
+    ref = next((r for r in recs if r["L"] == ref_len), None)
+    if len(recs) < 2:
+        return None
+    out = {"bench": BENCH, "kind": "scaling", "ttt_layer_type": layer_type, "mode": mode,
+           "ref_L": ref_len if ref else None,
+           "us_per_token": {str(r["L"]): r["us_per_token"] for r in recs},
+           "per_token_ratio": ({str(r["L"]): r["us_per_token"] / ref["us_per_token"] for r in recs}
+                               if ref else None)}
+    pts = [(r["L"], r["peak_bytes"]) for r in recs if r.get("peak_bytes")]
+    if len(pts) >= 2:
+        n = len(pts)
+        mx = sum(p[0] for p in pts) / n
+        my = sum(p[1] for p in pts) / n
+        slope = (sum((p[0] - mx) * (p[1] - my) for p in pts)
+                 / sum((p[0] - mx) ** 2 for p in pts))
+        icpt = my - slope * mx
+        out["peak_bytes"] = {str(length): b for length, b in pts}
+        out["bytes_per_token"] = slope / recs[0]["B"]
+        out["intercept_bytes"] = icpt
+        out["memory_fit_max_rel_err"] = max(abs(b - (icpt + slope * length)) / b
+                                            for length, b in pts)
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     emit(header(args), args.out)
+    dual_records: list = []
     for layer_type in args.types:
         for length in args.lengths:
-            bench_shape(layer_type, length, args)
+            bench_shape(layer_type, length, args, dual_records)
+    for layer_type in args.types:
+        for mode in args.modes:
+            line = scaling(dual_records, layer_type, mode, 2048)
+            if line:
+                emit(line, args.out)
 
 
 if __name__ == "__main__":
