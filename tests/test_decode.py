@@ -206,7 +206,8 @@ def test_rope_reads_the_absolute_stream_position(bounded):
 
 
 def test_long_stream_stays_finite_and_exact():
-    """Ten times a 64-token training length, streamed in chunks of 37 and then by steps."""
+    """Ten times a 64-token training length, TTT-MLP, streamed in chunks of 37 (so every chunk
+    after the first starts inside a mini-batch, at each phase in turn) and then by steps."""
     s = Setup(make_config(**VARIANTS["mlp-preconv-rope-l2"]), seed=7)
     toks = tokens_of(8, (1, 640))
     full = s.full(toks)
@@ -217,7 +218,7 @@ def test_long_stream_stays_finite_and_exact():
     stepped, _ = stream_steps(s, state, toks[:, 629:])
     got = jnp.concatenate(outs + [stepped], axis=1)
     assert bool(jnp.all(jnp.isfinite(got)))
-    assert max_err(got, full) <= 1e-4
+    assert max_err(got, full) <= TOL
 
 
 def test_state_size_does_not_grow(everything):
@@ -282,6 +283,55 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     draws = jax.vmap(lambda key: sample(key, jnp.asarray(logits[:1]), Sampling(top_k=3)))(
         jax.random.split(jax.random.PRNGKey(0), 400))
     assert set(np.unique(np.asarray(draws))) == set(np.argsort(-logits[0])[:3])
+
+
+def _filtered_softmax(logits, temperature, top_k, top_p):
+    """The distribution ``Sampling`` describes, in float64 numpy: softmax of logits /
+    temperature over the tokens that are among the ``top_k`` most likely and in the smallest
+    most-likely set whose probability reaches ``top_p`` (both on the tempered softmax)."""
+    z = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.zeros(len(probs), bool)
+    k = top_k if 0 < top_k < len(probs) else len(probs)
+    n_p = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1) if top_p < 1 else len(probs)
+    keep[order[:min(k, n_p)]] = True
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+# (temperature, top_k, top_p): plain, tempered, top-k, top-p, and all three at once.
+# With these logits top-k keeps 5, top-p 4, and the last setting 6 (top-k binds) of the 7 top-p
+# would keep; the tempered distributions are far from one-hot.
+SAMPLING_SETTINGS = [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.7, 5, 1.0), (0.8, 0, 0.7), (1.3, 6, 0.8)]
+
+
+def test_sampling_follows_the_filtered_softmax():
+    """20000 draws per setting (one jitted call over a batch of keys, a fixed seed) against the
+    distribution computed above: nothing outside the kept set, every count within 5 standard
+    deviations of its expectation, and Pearson's chi-square below df + 6 sqrt(2 df)."""
+    from ttt_jax.decode import sample
+
+    n = 20000
+    logits = np.random.default_rng(2).standard_normal((1, 12)).astype(np.float32)
+    draw = jax.jit(jax.vmap(lambda key, knobs: sample(key, jnp.asarray(logits), knobs)[0],
+                            in_axes=(0, None)))
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    for temperature, top_k, top_p in SAMPLING_SETTINGS:
+        knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        counts = np.bincount(np.asarray(draw(keys, knobs)), minlength=logits.shape[-1])
+        want = _filtered_softmax(logits[0], temperature, top_k, top_p)
+        setting = f"temperature={temperature}, top_k={top_k}, top_p={top_p}"
+        assert np.all(counts[want == 0] == 0), setting
+        kept = want > 0
+        expected = n * want[kept]
+        sigma = np.sqrt(expected * (1 - want[kept]))
+        assert np.all(np.abs(counts[kept] - expected) <= 5 * sigma + 1), (setting, counts, expected)
+        df = int(kept.sum()) - 1
+        if df:
+            chi2 = float(np.sum((counts[kept] - expected) ** 2 / expected))
+            assert chi2 < df + 6 * np.sqrt(2 * df), (setting, chi2, df)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -158,19 +158,23 @@ def test_reference_gelu_derivative_matches_finite_differences():
 # ----------------------------------------------------------------------------- (b) layer
 
 # A handful of combinations (one jit compilation each) covering every option with both inner
-# models, L a multiple of b (8) and not (2b + 3 = 11).
+# models, L a multiple of b (8) and not (2b + 3 = 11), both base learning rates of the presets
+# (1.0, TTT-Linear's; 0.1, TTT-MLP's) with each inner model, and plain RoPE
+# (rope_bounded: false, positions up to 35 > b).
 LAYER_CASES = [
     dict(ttt_layer_type="linear", length=8, use_rope=True, rope_layout="interleaved",
-         qk_l2_norm=True),
+         qk_l2_norm=True, ttt_base_lr=1.0),
     dict(ttt_layer_type="linear", length=11, use_rope=True, rope_layout="half", share_qk=True,
-         use_gate=True),
+         use_gate=True, ttt_base_lr=0.1),
     dict(ttt_layer_type="linear", length=11, share_qk=True, qk_l2_norm=True, use_gate=True,
-         scan_checkpoint_group=2),
-    dict(ttt_layer_type="mlp", length=11, share_qk=True, qk_l2_norm=True),
+         scan_checkpoint_group=2, ttt_base_lr=1.0),
+    dict(ttt_layer_type="mlp", length=11, share_qk=True, qk_l2_norm=True, ttt_base_lr=0.1),
     dict(ttt_layer_type="mlp", length=8, use_rope=True, rope_layout="half", share_qk=True,
-         use_gate=True),
+         use_gate=True, ttt_base_lr=1.0),
+    dict(ttt_layer_type="linear", length=11, use_rope=True, rope_bounded=False,
+         rope_layout="interleaved", ttt_base_lr=1.0),
     dict(ttt_layer_type="mlp", length=11, use_rope=True, rope_layout="interleaved",
-         qk_l2_norm=True, use_gate=True, scan_checkpoint_group=2),
+         qk_l2_norm=True, use_gate=True, scan_checkpoint_group=2, ttt_base_lr=0.1),
 ]
 
 
@@ -185,6 +189,28 @@ def _case_config(case):
     return TTTConfig(model_dim=DIM, num_heads=HEADS, mini_batch_size=MINI_BATCH, **case), length
 
 
+def _reference_inputs(params, cfg, x, pos, ttt_base_lr=None):
+    """``ref.layer_inputs``, and for ``rope_bounded: false`` plain RoPE: the reference's
+    rotation with positions reduced modulo a number above all of them (so not at all)."""
+    if not (cfg.use_rope and not cfg.rope_bounded):
+        return ref.layer_inputs(params, cfg, x, pos, ttt_base_lr)
+    xq, xk, xv, lr = ref.layer_inputs(params, dataclasses.replace(cfg, use_rope=False), x, pos,
+                                      ttt_base_lr)
+    pos = np.broadcast_to(np.asarray(pos), x.shape[:2])
+    beyond = int(pos.max()) + 1
+    xq, xk = (ref.rope(a, pos, beyond, cfg.rope_theta, cfg.rope_layout) for a in (xq, xk))
+    return xq, xk, xv, lr
+
+
+def _reference_layer(params, cfg, x, pos, ttt_base_lr=None):
+    """``ref.ttt_layer`` through ``_reference_inputs`` (so plain RoPE too)."""
+    p = ref.to_f64(params)
+    xq, xk, xv, lr = _reference_inputs(p, cfg, x, pos, ttt_base_lr)
+    out, _ = ref.inner_loop(ref.inner_params(p, cfg), xq, xk, xv, lr, p["learnable_token_idx"],
+                            p["ttt_norm_weight"], p["ttt_norm_bias"])
+    return ref.layer_output(p, cfg, out, x)
+
+
 @pytest.mark.parametrize("case", LAYER_CASES, ids=_case_id)
 def test_layer_matches_numpy_reference(case):
     cfg, length = _case_config(case)
@@ -195,23 +221,30 @@ def test_layer_matches_numpy_reference(case):
     # The inner-loop inputs first (eager, cheap): localises a failure to projections/RoPE/lr.
     got_in = TTTLayer(cfg).apply(variables, jnp.asarray(x), metadata=meta,
                                  method=TTTLayer.ttt_inputs)
-    want_in = ref.layer_inputs(variables["params"], cfg, x, pos)
+    want_in = _reference_inputs(variables["params"], cfg, x, pos)
     for name, g, w in zip(("xq", "xk", "xv", "lr"), got_in, want_in):
         chex.assert_shape(g, w.shape)
         assert _max_err(g, w) <= ATOL, f"{name}: max abs err {_max_err(g, w):.3e}"
 
     got = _jitted_apply(cfg)(variables, jnp.asarray(x), metadata=meta)
-    want = ref.ttt_layer(variables["params"], cfg, x, pos)
+    want = _reference_layer(variables["params"], cfg, x, pos)
     chex.assert_shape(got, (BATCH, length, DIM))
     assert got.dtype == jnp.float32
     err = _max_err(got, want)
     assert err <= ATOL, f"layer output: max abs err {err:.3e}"
 
-    no_update = ref.ttt_layer(variables["params"], cfg, x, pos, ttt_base_lr=0.0)
+    no_update = _reference_layer(variables["params"], cfg, x, pos, ttt_base_lr=0.0)
     assert _max_err(want, no_update) > MIN_UPDATE_EFFECT, "the inner update has no effect"
+    other_lr = _reference_layer(variables["params"], cfg, x, pos,
+                                ttt_base_lr=1.1 - cfg.ttt_base_lr)  # 0.1 <-> 1.0
+    assert _max_err(want, other_lr) > MIN_UPDATE_EFFECT, "ttt_base_lr has no effect"
     if cfg.use_rope:  # the rotation must matter too
         plain = ref.ttt_layer(variables["params"], dataclasses.replace(cfg, use_rope=False), x)
         assert _max_err(want, plain) > MIN_UPDATE_EFFECT, "RoPE has no effect"
+    if cfg.use_rope and not cfg.rope_bounded:  # and whether it is bounded
+        bounded = ref.ttt_layer(variables["params"], dataclasses.replace(cfg, rope_bounded=True),
+                                x, pos)
+        assert _max_err(want, bounded) > MIN_UPDATE_EFFECT, "rope_bounded has no effect"
 
 
 # ----------------------------------------------------------------------------- (c) pure math
@@ -280,3 +313,130 @@ def test_rope_positions_only_matter_modulo_mini_batch():
     assert _max_err(from_zero, ref.ttt_layer(variables["params"], cfg, x)) <= ATOL
     np.testing.assert_allclose(run(offsets([2 * MINI_BATCH, 7 * MINI_BATCH])), from_zero,
                                rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- (e) gradients
+
+# jax.grad of the float32 library against central finite differences of the float64 numpy
+# reference (tests/reference.py, tests/reference_lm.py), one random direction per param leaf
+# (and the input): <u, grad> must equal (F(p + h u) - F(p - h u)) / 2h to GRAD_RTOL. Between
+# them the cases own every param name of the layer (k_proj or the two convs, the gate, W2/b2)
+# and of the LM (pre-conv, untied head).
+GRAD_RTOL = 1e-4
+FD_STEP = 1e-4  # float64: truncation ~h^2, rounding ~1e-16 / h, both far below GRAD_RTOL
+GRAD_LENGTH = 11  # 2b + 3: two whole mini-batches and a partial one
+GRAD_CASES = [
+    dict(ttt_layer_type="linear"),
+    dict(ttt_layer_type="linear", use_rope=True, rope_layout="interleaved", qk_l2_norm=True,
+         share_qk=True, use_gate=True, scan_checkpoint_group=2),
+    dict(ttt_layer_type="mlp", qk_l2_norm=True, use_gate=True),
+    dict(ttt_layer_type="mlp", use_rope=True, rope_layout="half", share_qk=True,
+         scan_checkpoint_group=2),
+]
+# At these tiny shapes XLA's backend optimisations cost more compile time than they save.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _directional_check(grads, point, value, seed):
+    """``grads``, ``point``: flat dicts ``name -> array``; ``value(point) -> float`` in float64.
+    Checks every leaf's directional derivative along a random unit direction."""
+    rng = np.random.default_rng(seed)
+    for name, g in grads.items():
+        base = np.asarray(point[name], np.float64)
+        u = rng.standard_normal(base.shape)
+        u /= np.linalg.norm(u)
+        shifted = lambda sign: value({**point, name: base + sign * FD_STEP * u})  # noqa: E731
+        fd = (shifted(1.0) - shifted(-1.0)) / (2 * FD_STEP)
+        ad = float(np.sum(np.asarray(g, np.float64) * u))
+        assert abs(fd) > 1e-6, f"{name}: the loss does not depend on it ({fd:.2e})"
+        assert abs(ad - fd) <= GRAD_RTOL * abs(fd), f"{name}: grad {ad:.8e} vs FD {fd:.8e}"
+
+
+def _flat(tree):
+    from ttt_jax.tree import flatten
+
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
+
+
+def _unflat(flat):
+    out = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
+def test_layer_gradients_match_finite_differences_of_the_reference(case):
+    cfg = TTTConfig(model_dim=DIM, num_heads=HEADS, mini_batch_size=MINI_BATCH, **case)
+    variables, x = _layer_setup(cfg, GRAD_LENGTH, seed=20 + GRAD_CASES.index(case))
+    pos = _positions(GRAD_LENGTH)
+    target = np.random.default_rng(3).standard_normal(x.shape)
+    layer = TTTLayer(cfg)
+    meta = SequenceMetadata(position_ids=jnp.asarray(pos))
+
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x, metadata=meta) * target)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=FAST_COMPILE)(
+        variables["params"], jnp.asarray(x))
+    point = {**_flat(variables["params"]), "x": x}
+
+    def value(p):
+        p = dict(p)
+        inp = p.pop("x")
+        return float(np.sum(ref.ttt_layer(_unflat(p), cfg, inp, pos) * target))
+
+    _directional_check({**_flat(grads[0]), "x": grads[1]}, point, value, seed=1)
+
+
+LM_GRAD_CASES = [
+    dict(ttt=dict(ttt_layer_type="linear", use_rope=True, qk_l2_norm=True, use_gate=True),
+         pre_conv=True, tie_word_embeddings=False),
+    dict(ttt=dict(ttt_layer_type="mlp")),
+]
+
+
+@pytest.mark.parametrize("case", LM_GRAD_CASES, ids=lambda c: c["ttt"]["ttt_layer_type"])
+def test_lm_gradients_match_finite_differences_of_the_reference(case):
+    """The next-token cross-entropy of a 1-block TTT-LM (tests/reference_lm.py in float64)."""
+    import reference_lm
+    from ttt_jax import TTTLM, ModelConfig
+
+    seed = 30 + LM_GRAD_CASES.index(case)
+    case = dict(case)
+    ttt = TTTConfig(model_dim=DIM, num_heads=HEADS, mini_batch_size=MINI_BATCH,
+                    **case.pop("ttt"))
+    cfg = ModelConfig(vocab_size=32, num_layers=1, intermediate_size=32, ttt=ttt, **case)
+    model = TTTLM(cfg)
+    tokens = np.random.default_rng(4).integers(0, 32, (BATCH, GRAD_LENGTH + 1)).astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs)["params"]
+    # The TTT block's params as in the layer tests; the rest around their initialisers.
+    block = _make_params(ttt, GRAD_LENGTH, seed=seed)
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+                          shapes)
+    for name in ("norm",):
+        params[name]["weight"] = 1.0 + params[name]["weight"] / 3
+    for name in ("seq_norm", "ffn_norm"):
+        params["layers_0"][name]["weight"] = 1.0 + params["layers_0"][name]["weight"] / 3
+    params["layers_0"]["seq_modeling_block"] = block
+
+    def loss(params):
+        logits = model.apply({"params": params}, inputs)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
+
+    def value(p):
+        logits = reference_lm.logits(_unflat(p), cfg, inputs)
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return float(-np.mean(np.take_along_axis(logp, targets[..., None], -1)))
+
+    _directional_check(_flat(grads), _flat(params), value, seed=2)

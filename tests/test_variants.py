@@ -1,10 +1,14 @@
-"""Every TTTLayer variant: shapes, params, finite non-zero gradients, jit agreement, remat, bf16.
+"""Every TTTLayer variant: shapes, params, jit agreement, remat, bf16 (projections only).
+
+Gradients are checked against finite differences of the float64 reference in
+``test_ttt_correctness.py`` (every param leaf of the layer and of a TTT-LM); here remat must
+not change them.
 
 Compiles dominate the runtime on CPU, so work is shared through cached helpers: each variant
 is initialised, perturbed and run at L=8 and L=13 once (``_variant_run``); gradients with remat
-off and on are taken once per gradient variant (``_grad_run``) and once for the LM
+off and on are taken once per gradient variant (``_grad_run``), and the LM's logits once
 (``_lm_run``); several tests read each result. The grid is a covering design, not the full
-product, and gradients use two variants that between them (plus the LM) own every param name.
+product.
 """
 
 from __future__ import annotations
@@ -174,13 +178,6 @@ def flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def assert_all_grads_nonzero(grads):
-    for name, g in flat(grads).items():
-        g = np.asarray(g)
-        assert np.all(np.isfinite(g)), f"non-finite gradient for {name}"
-        assert np.linalg.norm(g) > 0, f"zero gradient for {name}"
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 def test_variant_output_shape_and_finite(variant):
     _, xs, ys = _variant_run(variant)
@@ -203,13 +200,6 @@ def test_variant_params(variant):
 
 
 @pytest.mark.parametrize("variant", GRAD_VARIANTS, ids=lambda v: v.name)
-def test_variant_gradients_finite_nonzero(variant):
-    """Every leaf (all of them: both convs, the gate, W2/b2; k_proj in the LM test) learns."""
-    for _, grads in _grad_run(variant).values():
-        assert_all_grads_nonzero(grads["params"])
-
-
-@pytest.mark.parametrize("variant", GRAD_VARIANTS, ids=lambda v: v.name)
 def test_scan_checkpoint_group_matches_no_remat(variant):
     """Remat (group 2 over n=3 mini-batches plus a partial one) changes neither y nor grads."""
     results = _grad_run(variant)
@@ -225,42 +215,23 @@ def test_scan_checkpoint_group_matches_no_remat(variant):
 # ---------------------------------------------------------------- TTT-LM
 
 
-# Pre-conv and an untied head; separate Q/K projections (k_proj's gradient is checked here).
-# One block keeps the gradient compile short; test_model.py covers deeper stacks.
+# Pre-conv and an untied head; separate Q/K projections. One block keeps the compile short;
+# test_model.py covers deeper stacks.
 LM_CONFIG = ModelConfig(vocab_size=VOCAB, num_layers=1, intermediate_size=32,
                         ttt=Variant("linear", "interleaved", True, False, True, 0).config(),
                         pre_conv=True, tie_word_embeddings=False)
 LM_LENGTH = LENGTHS[0]
 
 
-def cross_entropy(logits, labels):
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
-
-
 @functools.lru_cache(maxsize=None)
 def _lm_run(cfg: ModelConfig):
+    """Init (then perturb) and jitted logits of the LM: ``(variables, tokens, logits)``."""
     model = TTTLM(cfg)
-    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (BATCH, LM_LENGTH + 1))
-    inp, labels = tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (BATCH, LM_LENGTH))
+    inp = tokens.astype(np.int32)
     variables = perturb(fast_jit(model.init)(init_key(2), inp), seed=3)
-
-    def loss(v):
-        logits = model.apply(v, inp)
-        return cross_entropy(logits, labels), logits
-
-    (_, logits), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(variables)
-    return jax.device_get(variables), inp, jax.device_get(logits), jax.device_get(grads)
-
-
-def test_lm_gradients_finite_nonzero():
-    variables, inp, logits, grads = _lm_run(LM_CONFIG)
-    chex.assert_shape(logits, (*inp.shape, VOCAB))
-    chex.assert_tree_all_finite(logits)
-    params = variables["params"]
-    assert "lm_head" in params and "conv" in params["layers_0"]
-    assert "k_proj" in params["layers_0"]["seq_modeling_block"]
-    assert_all_grads_nonzero(grads["params"])
+    logits = fast_jit(model.apply)(variables, inp)
+    return jax.device_get(variables), inp, jax.device_get(logits)
 
 
 class JitAgreementTest(chex.TestCase):
@@ -279,7 +250,7 @@ class JitAgreementTest(chex.TestCase):
             x, expected = xs[0], ys[0]
         else:
             module = TTTLM(LM_CONFIG)
-            variables, x, expected, _ = _lm_run(LM_CONFIG)
+            variables, x, expected = _lm_run(LM_CONFIG)
 
         @self.variant
         def apply(v, x):
@@ -325,3 +296,77 @@ def test_bfloat16_compute(tiny_model_config):
     chex.assert_type(logits, jnp.float32)
     chex.assert_tree_all_finite(logits)
     assert np.abs(np.asarray(logits)).max() > 0
+
+
+def test_bfloat16_compute_keeps_the_inner_loop_in_float32():
+    """``model.dtype: bfloat16`` rounds the projections only. The inner loop (every option on)
+    gets float32 inputs and carries a float32 state: its output equals the float64 reference
+    inner loop run on the bfloat16 layer's own inputs to float32 accuracy (a bfloat16 inner
+    loop would miss by ~1e-2), so its distance to the float32 layer's output is what the
+    rounded projections alone explain (the reference on each layer's inputs), plus 2 * 1e-5.
+    The jaxpr's scans carry no bfloat16 and multiply in float32; the stream state is float32."""
+    from flax import linen as nn
+
+    import reference as ref
+    from jaxpr_walk import all_eqns
+
+    cfg = FULL.config()
+    variables, xs, _ = _variant_run(FULL)
+    # The inner weights and learning rates well away from init, so the inner update matters.
+    rng = np.random.default_rng(8)
+    params = dict(variables["params"])
+    for name, std in (("W1", 0.3), ("W2", 0.3), ("learnable_ttt_lr_bias", 1.0)):
+        params[name] = params[name] + std * rng.standard_normal(params[name].shape).astype(np.float32)
+    variables = {"params": params}
+    x = jnp.asarray(xs[-1])
+
+    def run(layer):
+        def inner(v, x):
+            captured = {}
+
+            def interceptor(next_fun, args, kwargs, context):
+                if context.method_name == "output":  # TTTLayer.output(inner output, x)
+                    captured["out"] = args[0]
+                return next_fun(*args, **kwargs)
+
+            with nn.intercept_methods(interceptor):
+                layer.apply(v, x)
+            return captured["out"], layer.apply(v, x, method=TTTLayer.ttt_inputs)
+
+        out, inputs = fast_jit(inner)(variables, x)
+        return np.asarray(out), [np.asarray(a) for a in inputs]
+
+    def reference(inputs):
+        p = ref.to_f64(params)
+        out, _ = ref.inner_loop(ref.inner_params(p, cfg), *inputs, p["learnable_token_idx"],
+                                p["ttt_norm_weight"], p["ttt_norm_bias"])
+        return out
+
+    out32, in32 = run(TTTLayer(cfg))
+    bf16 = TTTLayer(cfg, dtype=jnp.bfloat16)
+    out16, in16 = run(bf16)
+    assert out16.dtype == np.float32 and all(a.dtype == np.float32 for a in in16)
+    # V is a plain projection: bfloat16 values held in float32.
+    np.testing.assert_array_equal(in16[2], in16[2].astype(jnp.bfloat16).astype(np.float32))
+    ref32, ref16 = reference(in32), reference(in16)
+    assert np.abs(out32 - ref32).max() <= 1e-5
+    assert np.abs(out16 - ref16).max() <= 1e-5, np.abs(out16 - ref16).max()
+    explained = np.abs(ref16 - ref32).max()
+    assert 1e-4 < explained < 0.2  # the rounding of the projections is visible and bounded
+    assert np.abs(out16 - out32).max() <= explained + 2e-5
+
+    jaxpr = jax.make_jaxpr(lambda v, x: bf16.apply(v, x))(variables, x)
+    scans = [e for e in all_eqns(jaxpr) if e.primitive.name == "scan"]
+    assert scans
+    for scan in scans:
+        assert all(v.aval.dtype != jnp.bfloat16 for v in scan.outvars)
+        dots = [e for e in all_eqns(scan.params["jaxpr"]) if e.primitive.name == "dot_general"]
+        assert dots and all(v.aval.dtype == jnp.float32 for e in dots for v in e.invars)
+
+    def stream(v, x):
+        cache = bf16.apply(v, BATCH, method=TTTLayer.init_cache)
+        return bf16.apply(v, x, cache, method=TTTLayer.stream)[1]
+
+    cache = jax.eval_shape(stream, variables, x[:, :5])  # the traced program's dtypes
+    for key in ("state0", "acc"):
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(cache[key])), key
