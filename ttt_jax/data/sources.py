@@ -2,7 +2,10 @@
 
 * ``bytes``: a byte-level corpus made from the Python standard library's own source files.
 * ``recall``: synthetic multi-query associative recall (see :mod:`ttt_jax.data.recall`).
-* ``tokens``: a user token file, ``.npy`` or a raw binary memmap of ``uint16``/``uint32`` ids.
+* ``tokens``: a user token file, ``.npy`` or a raw binary memmap of ``uint16``/``uint32`` ids,
+  with an optional separate validation file.
+* ``prepared``: a ``ttt-jax prepare`` output directory (``train.bin``, ``val.bin``,
+  ``meta.json``; see :mod:`ttt_jax.data.prepared`).
 
 :func:`make_dataset` picks the builder from a registry and returns a :class:`Dataset` whose
 ``batch(step)`` is a pure function of ``(seed, split, step)``.
@@ -22,6 +25,8 @@ import numpy as np
 
 from ttt_jax.data.base import (Dataset, WindowDataset, check_common, check_ids_in_vocab,
                                check_positive_int, max_token_id)
+from ttt_jax.data.prepared import PREPARE_HINT, check_model_vocab, load_split, read_meta, \
+    tokenizer_info
 from ttt_jax.data.recall import RecallDataset
 
 BYTE_VOCAB_SIZE = 256
@@ -236,24 +241,46 @@ def _make_recall(common: dict[str, Any], path, vocab_size, *,
 
 
 def _make_tokens(common: dict[str, Any], path, vocab_size, *, token_dtype=None,
-                 val_fraction=DEFAULT_VAL_FRACTION, **_) -> Dataset:
+                 val_fraction=DEFAULT_VAL_FRACTION, val_path=None, **_) -> Dataset:
     if path is None:
         raise ValueError("data.path=None is invalid for source 'tokens': expected a .npy file "
                          "or a raw binary token file")
+    if val_path is not None and common["split"] == "val":
+        path = val_path  # a separate validation file, read whole
     tokens = load_token_file(path, token_dtype)
     name = f"token file {str(path)!r}"
     max_id = max_token_id(tokens)
     check_ids_in_vocab(name, max_id, vocab_size)
-    part = split_tokens(tokens, name, common["seq_len"], common["split"], val_fraction)
+    if val_path is None:
+        part = split_tokens(tokens, name, common["seq_len"], common["split"], val_fraction)
+    else:
+        part = tokens
     info = {"path": str(path), "dtype": tokens.dtype.name, "file_tokens": int(tokens.shape[0])}
     return WindowDataset(part, source="tokens", name=name,
                          vocab_size=vocab_size if vocab_size is not None else max_id + 1,
                          info=info, **common)
 
 
+def _make_prepared(common: dict[str, Any], path, vocab_size, **_) -> Dataset:
+    if path is None:
+        raise ValueError(f"data.prepared is not set: this config (data.source: prepared) trains "
+                         f"on a prepared corpus; {PREPARE_HINT}")
+    directory = str(path)
+    meta = read_meta(directory)
+    check_model_vocab(meta, vocab_size, directory)
+    # meta's tokenizer vocab bounds every id, so the files need no scan for their largest id.
+    tokens = load_split(directory, meta, common["split"])
+    name = f"prepared data {directory!r} ({common['split']}.bin)"
+    info = {**tokenizer_info(meta, directory), "documents":
+            int(meta["splits"][common["split"]]["documents"])}
+    return WindowDataset(tokens, source="prepared", name=name,
+                         vocab_size=int(meta["tokenizer"]["vocab_size"]), info=info, **common)
+
+
 # source name -> builder(common kwargs, path, vocab_size, **options).
 _BUILDERS: dict[str, Callable[..., Dataset]] = {
-    "bytes": _make_bytes, "recall": _make_recall, "tokens": _make_tokens}
+    "bytes": _make_bytes, "recall": _make_recall, "tokens": _make_tokens,
+    "prepared": _make_prepared}
 SOURCES = tuple(_BUILDERS)
 
 
@@ -263,17 +290,19 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int, seed: int,
                  recall_num_pairs: int = DEFAULT_RECALL_NUM_PAIRS,
                  recall_vocab: int = DEFAULT_RECALL_VOCAB, token_dtype: str | None = None,
                  val_fraction: float = DEFAULT_VAL_FRACTION,
+                 val_path: str | os.PathLike | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, val_every: int = DEFAULT_VAL_EVERY,
                  bytes_pattern: str = DEFAULT_BYTES_PATTERN) -> Dataset:
     """Builds a built-in data source (docs/architecture.md §5); nothing is downloaded.
 
     Args:
-      source: ``"bytes"``, ``"recall"`` or ``"tokens"``.
+      source: ``"bytes"``, ``"recall"``, ``"tokens"`` or ``"prepared"``.
       seq_len: ``L``; ``batch(step)`` rows hold ``L + 1`` tokens.
       batch_size: ``B``, rows per batch.
       seed: seeds the order (and the synthetic tokens); an integer >= 0.
       split: ``"train"`` or ``"val"``.
-      path: ``tokens``: the token file (required). ``bytes``: a directory to read instead of
+      path: ``tokens``: the token file (required). ``prepared``: the prepare output
+        directory (required; its ``meta.json`` names the dtype and the tokenizer). ``bytes``: a directory to read instead of
         the standard library. ``recall``: must be None.
       vocab_size: the model's vocab size; every id in the data must be below it. None skips
         the check (``tokens`` then reports ``max id + 1`` as its vocab size).
@@ -282,6 +311,7 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int, seed: int,
       token_dtype: ``tokens``: ``"uint16"``/``"uint32"`` of a raw (non-``.npy``) file, where it
         is required; ignored for ``.npy``, whose header holds the dtype.
       val_fraction: ``tokens``: the last this fraction of the file is val (>= one sequence).
+      val_path: ``tokens``: a separate val file (read whole); ``val_fraction`` is then unused.
       max_bytes: ``bytes``: cap on the corpus size.
       val_every: ``bytes``: one file in this many goes to val.
       bytes_pattern: ``bytes``: glob of the files read from the directory.
@@ -297,5 +327,5 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int, seed: int,
     common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, split=split)
     return _BUILDERS[source](
         common, path, vocab_size, recall_num_pairs=recall_num_pairs, recall_vocab=recall_vocab,
-        token_dtype=token_dtype, val_fraction=val_fraction, max_bytes=max_bytes,
+        token_dtype=token_dtype, val_fraction=val_fraction, val_path=val_path, max_bytes=max_bytes,
         val_every=val_every, bytes_pattern=bytes_pattern)

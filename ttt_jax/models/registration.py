@@ -5,10 +5,13 @@ Both read a ``RunConfig``; the baseline is the same skeleton with ``model.seq_mo
 
 from __future__ import annotations
 
+import sys
+
 import jax.numpy as jnp
 
 from ttt_jax.config import ModelConfig, RunConfig
 from ttt_jax.data import make_dataset
+from ttt_jax.data.prepared import check_model_vocab, read_meta
 from ttt_jax.models import build_model
 from ttt_jax.registry import Architecture, register
 
@@ -20,15 +23,26 @@ def sample_tokens(cfg: ModelConfig, batch: int, length: int):
 
 
 def build_datasets(cfg: RunConfig):
-    """Train and validation datasets for ``cfg.data``; checks their vocab against the model."""
+    """Train and validation datasets for ``cfg.data``; checks their vocab against the model.
+
+    ``data.prepared``: the datasets' ``describe()`` names the tokenizer (kind, sha256, vocab),
+    which the trainer logs; a model vocabulary over 2x the tokenizer's is warned about on
+    stderr, a smaller one refused.
+    """
     d = cfg.data
-    common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=d.path,
+    path = d.prepared if d.source == "prepared" else d.path
+    common = dict(seq_len=d.seq_len, seed=cfg.train.seed, path=path,
                   vocab_size=cfg.model.vocab_size, recall_num_pairs=d.recall_num_pairs,
                   recall_vocab=d.recall_vocab)
     if d.source == "tokens":
-        common.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction)
+        common.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction,
+                      val_path=d.val_path)
     train = make_dataset(d.source, batch_size=d.batch_size, split="train", **common)
     val = make_dataset(d.source, batch_size=d.batch_size, split="val", **common)
+    if d.source == "prepared":
+        warning = check_model_vocab(read_meta(d.prepared), cfg.model.vocab_size, d.prepared)
+        if warning:
+            print(warning, file=sys.stderr)
     if train.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is invalid: data source "
                          f"{d.source!r} needs at least {train.vocab_size}")
