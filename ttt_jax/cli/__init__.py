@@ -31,6 +31,7 @@ COMMANDS = {
     "import": ("ttt_jax.cli.import_", "PyTorch / Moshi weights into this project"),
     "generate": ("ttt_jax.generate", "sample text from a byte-level checkpoint"),
     "eval": (None, "long-context evaluation of checkpoints (loss by position, recall)"),
+    "prepare": ("ttt_jax.cli.prepare", "tokenize text files into train.bin / val.bin"),
 }
 
 
