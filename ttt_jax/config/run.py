@@ -139,6 +139,10 @@ class TrainConfig:
       diagnostics_every: every this many steps, log the TTT inner self-supervised loss per layer
         (with ``W0``, before and after each mini-batch update, on the first validation batch) as
         a ``ttt_diagnostics`` metrics line; 0 (the default) turns it off.
+      skip_nonfinite_steps: how many updates with a non-finite loss or gradient may be skipped
+        (the step's batch is consumed, params and optimizer state stay as they were, and a
+        ``skipped_step`` metrics line is written); one more stops the run. 0 (the default):
+        the first one stops the run (exit status 3), keeping the last good checkpoint.
     """
 
     steps: int = 200
@@ -149,11 +153,13 @@ class TrainConfig:
     log_every: int = 10
     run_dir: str = "runs/default"
     diagnostics_every: int = 0
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self):
         _check_positive_ints("train", self, ("steps", "grad_accum", "eval_every", "eval_batches",
                                              "log_every"))
-        _check_positive_ints("train", self, ("seed", "diagnostics_every"), minimum=0)
+        _check_positive_ints("train", self, ("seed", "diagnostics_every", "skip_nonfinite_steps"),
+                             minimum=0)
         if not isinstance(self.run_dir, str) or not self.run_dir:
             _fail("train", "run_dir", self.run_dir, "a non-empty directory path")
 
@@ -165,7 +171,10 @@ class CheckpointConfig:
     Attributes:
       every: save every this many steps (and at the end, and on SIGINT/SIGTERM).
       keep: how many recent checkpoints to keep.
-      resume: continue from the latest checkpoint when the run directory has one.
+      resume: continue from the latest checkpoint when the run directory has one; false
+        refuses a run directory that holds checkpoints (unless ``overwrite``).
+      overwrite: start a new run even if the run directory holds one: the old run's files are
+        first moved aside to ``RUN_DIR.old-YYYYmmdd-HHMMSS/`` (``train --force-new`` sets it).
       init_from: a run directory (or its ``checkpoints/``) whose latest params start a new run,
         even of a different model: every array that matches by path, shape and dtype is loaded,
         the rest keep their initial values (e.g. TTT layers grafted onto a smaller model), and
@@ -178,10 +187,11 @@ class CheckpointConfig:
     resume: bool = True
     init_from: Optional[str] = None
     strict: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         _check_positive_ints("checkpoint", self, ("every", "keep"))
-        _check_bools("checkpoint", self, ("resume", "strict"))
+        _check_bools("checkpoint", self, ("resume", "strict", "overwrite"))
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
