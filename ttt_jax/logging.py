@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,36 @@ class MetricsWriter:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def truncate(self, step: int, rewritten: tuple[str, ...] = ("eval",)) -> int:
+        """Keeps only what a run restored at ``step`` accounts for; returns the lines dropped.
+
+        Dropped: every line of a later step, the lines at ``step`` whose kind the resumed run
+        writes again (``rewritten``: its start-of-run validation), and any line that is not
+        JSON (one cut short by a kill). The file is rewritten through a temporary file and a
+        rename, so a crash leaves either the old or the new file.
+        """
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                s = int(record.get("step", -1))
+            except (ValueError, TypeError, AttributeError):
+                dropped += 1
+                continue
+            if s > step or (s == step and record.get("kind") in rewritten):
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        return dropped
+
 
 class Progress:
     """A single updating line: step, loss, tokens/s and ETA."""
@@ -40,6 +71,7 @@ class Progress:
         stream = sys.stdout if stream is None else stream
         self.total, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
         self.start_step, self.start_time = start_step, time.perf_counter()
+        self.closed = False
 
     def tokens_per_s(self, step: int) -> float:
         elapsed = max(time.perf_counter() - self.start_time, 1e-9)
@@ -57,6 +89,10 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        """Ends the progress line (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         self.stream.write("\n")
         self.stream.flush()
 

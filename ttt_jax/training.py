@@ -132,13 +132,19 @@ def _loss_sums(model: nn.Module, params, tokens, mask):
     return cross_entropy(logits, tokens[:, 1:], mask)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *,
+                    skip_nonfinite: bool = False) -> Callable:
     """Returns ``train_step(state, tokens, mask) -> (state, metrics)``, pure.
 
     ``tokens: [k, m, L+1]`` holds ``k`` micro-batches of ``m`` sequences (``k = grad_accum``);
     ``mask`` is ``None`` or ``[k, m, L]``. Gradients of the summed loss are accumulated over the
     micro-batches by a ``lax.scan`` and divided by the total token count once, so ``k`` micro-
     batches of ``m`` give the update of one batch of ``k*m``.
+
+    ``metrics`` holds ``loss`` and ``grad_norm`` (the global norm, non-finite as soon as one
+    gradient is). With ``skip_nonfinite``, a step whose loss or gradient norm is not finite
+    keeps the old params and optimizer state (a ``jnp.where`` on every leaf; the step counter
+    still advances, so the batch is consumed) and reports ``metrics["skipped"]``.
     """
 
     def train_step(state: TrainState, tokens, mask=None):
@@ -157,9 +163,23 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            kept = state.replace(step=state.step + 1)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
+            metrics["skipped"] = jnp.logical_not(ok)
+        return new, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point leaf of ``tree`` is finite (jit it; one reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_eval_step(model: nn.Module) -> Callable:
