@@ -28,6 +28,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, FileExistsError, CheckpointError)
 
 
+def report(message: str, status: int = EXIT_USAGE) -> int:
+    """Prints ``error: <message>`` on stderr and returns ``status``: the one place an error
+    line is written (a user error: 2; a training run stopped by a non-finite loss: 3, or by a
+    signal: 128 + its number, see ``ttt_jax.cli.train``)."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
 def run_command(fn: Callable[..., Optional[int]], *args, **kwargs) -> int:
     """Calls ``fn``; returns its exit status (``None`` means 0), or prints ``error: <message>``
     on stderr and returns ``EXIT_USAGE`` when it raises one of ``user_errors()``."""
@@ -36,8 +44,7 @@ def run_command(fn: Callable[..., Optional[int]], *args, **kwargs) -> int:
     except Exception as e:  # noqa: BLE001 -- narrowed just below; anything else propagates
         if not isinstance(e, user_errors()):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(str(e))
     return 0 if status is None else int(status)
 
 

@@ -1,21 +1,47 @@
-"""The training loop behind ``train.py``: data, model, jitted step, evaluation, outputs."""
+"""The training loop behind ``train.py``: data, model, jitted step, evaluation, outputs.
+
+A run never loses, mixes or silently corrupts work (README "Reliability"):
+
+- Everything that can refuse a run is checked before anything is written (``preflight``: the
+  config, ``optim.trainable``, ``checkpoint.init_from``, that ``train.run_dir`` and its
+  ``checkpoints/`` are writable directories, and that the directory is not another run's); the
+  data is built, the lock taken (``ttt_jax.run_dir.RunLock``), and only then are files written.
+- ``checkpoint.overwrite`` (``train --force-new``) moves an old run aside before writing.
+- The loss and gradient norm of every step are checked finite, and the state before every
+  save: a non-finite value stops the run (``NonFiniteError``, exit status 3) with the last good
+  checkpoint left as the latest, or with ``train.skip_nonfinite_steps`` the update is skipped.
+- SIGINT/SIGTERM save and stop (``ttt_jax.run_dir.StopSignals``); a resumed run first cuts
+  ``metrics.jsonl`` back to the restored step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import signal
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import diagnostics, distributed, registry, sharding, training
-from ttt_jax.checkpoint import Checkpointer, load_saved, merge_params
+from ttt_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, load_saved, merge_params, resolve
 from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
+from ttt_jax.run_dir import RunLock, StopSignals, check_directory, check_ownership, move_aside
+from ttt_jax.tree import flatten
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or state; nothing non-finite was saved."""
+
+    exit_status = EXIT_NONFINITE
 
 
 def _micro_batches(ds, step: int, accum: int):
@@ -60,109 +86,215 @@ def _init_from(cfg: RunConfig, state, optimizer, print_fn):
     return state.replace(params=params, opt_state=optimizer.init(params))
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def check_trainable(cfg, arch) -> None:
+    """``optim.trainable`` must match at least one param path of the model (else nothing would
+    train); ``ValueError`` naming the key otherwise."""
+    pattern = cfg.optim.trainable
+    if pattern is None:
+        return
+    paths = list(flatten(arch.param_shapes(cfg.model)))
+    if not any(re.search(pattern, p) for p in paths):
+        raise ValueError(f"optim.trainable={pattern!r} is invalid: it matches none of the "
+                         f"model's {len(paths)} param paths (such as {paths[0]}); expected a "
+                         f"regular expression that matches at least one")
 
 
-def run(cfg: RunConfig, *, print_fn=print) -> dict[str, Any]:
-    """Trains ``cfg`` and returns a summary (start/end validation loss, run dir).
+def preflight(cfg, arch=None) -> None:
+    """Every refusal that needs no data and writes nothing: the architecture's features,
+    ``optim.trainable``, ``checkpoint.init_from``, the run and checkpoint directories (writable
+    directories, or creatable), and the run directory's owner (``checkpoint.resume``)."""
+    arch = registry.of(cfg) if arch is None else arch
+    arch.check(cfg)
+    check_trainable(cfg, arch)
+    if cfg.checkpoint.init_from:
+        resolve(cfg.checkpoint.init_from)
+    run_dir = Path(cfg.train.run_dir)
+    check_directory(run_dir, f"train.run_dir {str(run_dir)!r}")
+    check_directory(run_dir / CHECKPOINT_DIR,
+                    f"the checkpoint directory {str(run_dir / CHECKPOINT_DIR)!r}")
+    check_ownership(run_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite)
 
-    Writes ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` under ``cfg.train.run_dir``.
+
+class _FiniteGuard:
+    """Checks the loss and gradient norm of the steps since the last check, in one transfer."""
+
+    def __init__(self, limit: int, metrics: MetricsWriter, ckpt: Checkpointer):
+        self.limit, self.metrics, self.ckpt = limit, metrics, ckpt
+        self.pending: list[tuple[int, dict]] = []
+        self.skipped = 0
+
+    def add(self, step: int, m: dict) -> None:
+        self.pending.append((step, m))
+
+    def error(self, step: int, what: str) -> NonFiniteError:
+        latest = self.ckpt.latest()
+        last = (f"the last good checkpoint is step {latest} ({self.ckpt.directory / str(latest)})"
+                if latest is not None else "no checkpoint was saved")
+        return NonFiniteError(f"training stopped at step {step}: {what}; {last}, and nothing "
+                              f"after it was saved")
+
+    def check(self) -> None:
+        pending, self.pending = self.pending, []
+        for (step, _), m in zip(pending, jax.device_get([m for _, m in pending])):
+            bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
+                   if not math.isfinite(float(m[key]))]
+            if not bad:
+                continue
+            what = "non-finite " + " and ".join(
+                f"{name} ({float(m[key])})" for name, key in (("loss", "loss"),
+                                                              ("gradient norm", "grad_norm"))
+                if name in bad)
+            if not bool(m.get("skipped", False)):
+                raise self.error(step, what)
+            self.skipped += 1
+            self.metrics.write({"kind": "skipped_step", "step": step, "nonfinite": bad,
+                                "skipped_total": self.skipped})
+            if self.skipped > self.limit:
+                raise self.error(step, f"{what}, more than train.skip_nonfinite_steps="
+                                       f"{self.limit} updates skipped")
+
+
+def run(cfg: RunConfig, *, print_fn=print, stop: Optional[StopSignals] = None) -> dict[str, Any]:
+    """Trains ``cfg`` and returns a summary (start/end validation loss, run dir, ``stopped``).
+
+    Writes ``config.yaml``, ``metrics.jsonl``, ``loss.png`` and ``checkpoints/`` under
+    ``cfg.train.run_dir``. ``stop``: the signal handling to use (one is installed for the call
+    when None). Raises ``NonFiniteError``, or ``ttt_jax.run_dir.Interrupted`` when a signal
+    arrives during start-up or a second one while stopping.
     """
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(StopSignals())
+        return _train(cfg, print_fn, stop, stack)
+
+
+def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitStack):
     # In a multi-process job (jax.distributed started by train.py) process 0 prints and writes
-    # the run's files; every process trains and checkpoints.
+    # the run's files (and holds the lock); every process trains and checkpoints.
     primary = distributed.is_primary()
     if not primary:
         print_fn = lambda *args, **kwargs: None  # noqa: E731
-    t = cfg.train
+    t, c = cfg.train, cfg.checkpoint
     run_dir = Path(t.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        save_config(cfg, run_dir / "config.yaml")
     arch = registry.of(cfg)
-    arch.check(cfg)
+    preflight(cfg, arch)
     train_ds, val_ds = arch.build_datasets(cfg)
+    stop.check()  # a signal during start-up stops the run here, or at the next check
+    if primary:
+        stack.enter_context(RunLock(run_dir, log=print_fn))
     model = arch.build_model(cfg.model)
     optimizer = arch.make_optimizer(cfg)
     init = lambda k: arch.init_state(cfg, optimizer, k)  # noqa: E731
     key = jax.random.PRNGKey(t.seed)
+    step_fn = training.make_train_step(model, optimizer,
+                                       skip_nonfinite=t.skip_nonfinite_steps > 0)
     # cfg.mesh set: state and batches sharded on a device mesh (ttt_jax.sharding).
     layout = sharding.Layout.from_config(cfg) if cfg.mesh is not None else None
     if layout is None:
         state = jax.jit(init)(key)
-        train_step = jax.jit(training.make_train_step(model, optimizer), donate_argnums=0)
+        train_step = jax.jit(step_fn, donate_argnums=0)
         eval_step = jax.jit(training.make_eval_step(model))
     else:
         state = layout.init_state(init, key)
-        train_step = layout.jit_train_step(training.make_train_step(model, optimizer), state)
+        train_step = layout.jit_train_step(step_fn, state)
         eval_step = layout.jit_eval_step(training.make_eval_step(model), state.params)
         val_ds = layout.eval_view(val_ds)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl" if primary else os.devnull)
+    state_finite = jax.jit(lambda s: training.all_finite((s.params, s.opt_state)))
+    stop.check()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print_fn(f"model: {n_params:,} params; data: {train_ds.describe()}; run dir: {run_dir}")
-    ckpt = Checkpointer(run_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-    restored = ckpt.restore_latest(state, log=print_fn) if cfg.checkpoint.resume else None
-    if restored is not None:
-        state, meta = restored
-        for line in _config_differences(meta["config"], to_dict(cfg)):
-            print_fn(f"warning: config differs from the checkpoint's: {line}")
-        print_fn(f"resumed from step {int(state.step)} (data position {meta['data_position']})")
-    elif cfg.checkpoint.init_from:
-        state = _init_from(cfg, state, optimizer, print_fn)
-        state = layout.place_state(state) if layout is not None else state
+
+    restored = None
+    if c.overwrite:
+        if c.init_from:  # read before the old run (which it may name) is moved
+            state = _place(_init_from(cfg, state, optimizer, print_fn), layout)
+        moved = move_aside(run_dir) if primary else None
+        if moved is not None:
+            print_fn(f"checkpoint.overwrite: moved the previous run in {run_dir} aside to {moved}")
+        ckpt = Checkpointer(run_dir, every=c.every, keep=c.keep)
+    else:
+        ckpt = Checkpointer(run_dir, every=c.every, keep=c.keep)
+        with warnings.catch_warnings():  # a fallback is already reported through print_fn
+            warnings.simplefilter("ignore", UserWarning)
+            restored = ckpt.restore_latest(state, log=print_fn) if c.resume else None
+        if restored is not None:
+            state, meta = restored
+            for line in _config_differences(meta["config"], to_dict(cfg)):
+                print_fn(f"warning: config differs from the checkpoint's: {line}")
+            print_fn(f"resumed from step {int(state.step)} (data position "
+                     f"{meta['data_position']})")
+        elif c.init_from:
+            state = _place(_init_from(cfg, state, optimizer, print_fn), layout)
+    stack.callback(ckpt.close)
+    stop.check()
+
+    # Every check has passed: from here on the run writes into its directory.
+    first = int(state.step)
+    if primary:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl" if primary else os.devnull)
+    if primary:
+        dropped = metrics.truncate(first)
+        if dropped:
+            print_fn(f"metrics.jsonl: dropped {dropped} line(s) written after step {first}, "
+                     f"the step this run continues from")
+    guard = _FiniteGuard(t.skip_nonfinite_steps, metrics, ckpt)
+    saved_step = first if restored is not None else None
+
+    def save(state, force: bool = False) -> None:
+        nonlocal saved_step
+        step = int(state.step)
+        if step == saved_step or not (force or ckpt.due(step)):
+            return
+        guard.check()
+        if not bool(state_finite(state)):
+            raise guard.error(step, "the params or optimizer state hold a non-finite value")
+        ckpt.save(state, cfg, force=True)
+        saved_step = step
 
     start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
-    first = int(state.step)
     metrics.write({"kind": "eval", "step": first, "val_loss": start_loss})
     print_fn(f"start validation loss {start_loss:.4f}")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = Progress(t.steps, tokens_per_step, start_step=first)
+    stack.callback(progress.close)
     val_loss = start_loss
     diagnose = (diagnostics.jitted_mean_inner_losses(model) if t.diagnostics_every else None)
-    with _StopRequest() as stop:
-        for step in range(first, t.steps):
-            tokens, mask = (_micro_batches(train_ds, step, t.grad_accum) if layout is None
-                            else layout.train_batch(train_ds, step, t.grad_accum))
-            state, m = train_step(state, tokens, mask)
-            done = step + 1
-            ckpt.save(state, cfg)
-            val_loss = _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds,
-                                     val_loss, diagnose)
-            if stop.signal is not None:
-                ckpt.save(state, cfg, force=True)
-                progress.close()
-                print_fn(f"stopped by signal {stop.signal} at step {done}; checkpoint saved")
-                ckpt.close()
-                return {"start_val_loss": start_loss, "end_val_loss": val_loss,
-                        "run_dir": str(run_dir), "state": state, "stopped": True}
-    ckpt.save(state, cfg, force=True)
-    ckpt.close()
+    stop.training()
+    for step in range(first, t.steps):
+        tokens, mask = (_micro_batches(train_ds, step, t.grad_accum) if layout is None
+                        else layout.train_batch(train_ds, step, t.grad_accum))
+        state, m = train_step(state, tokens, mask)
+        done = step + 1
+        guard.add(done, m)
+        if done % t.log_every == 0 or done == t.steps or stop.signal is not None:
+            guard.check()
+        save(state)
+        val_loss = _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds,
+                                 val_loss, diagnose)
+        if stop.signal is not None:
+            progress.close()
+            print_fn(f"{stop.name}: stopping after step {done}, saving a checkpoint (send it "
+                     f"again to stop at once, without saving)")
+            sys.stdout.flush()
+            break
+    save(state, force=True)
     progress.close()
+    end = {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
+           "state": state, "stopped": stop.signal is not None, "signal": stop.signal}
+    if stop.signal is not None:
+        print_fn(f"stopped by signal {stop.name} at step {int(state.step)}; checkpoint saved "
+                 f"({ckpt.directory / str(int(state.step))})")
+        return end
     print_fn(f"end validation loss {val_loss:.4f} (start {start_loss:.4f}, "
              f"ratio {val_loss / start_loss:.3f})")
     if primary:
         plot_losses(metrics.read(), run_dir / "loss.png")
-    return {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
-            "state": state, "stopped": False}
+    return end
+
+
+def _place(state, layout):
+    return layout.place_state(state) if layout is not None else state
 
 
 def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val_loss, diagnose):
@@ -170,10 +302,9 @@ def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val
     t = cfg.train
     if done % t.log_every == 0 or done == t.steps:
         loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {done}")
-        metrics.write({"kind": "train", "step": done, "loss": loss,
-                       "grad_norm": float(m["grad_norm"]),
+        finite = math.isfinite(loss)  # not finite: a skipped step (train.skip_nonfinite_steps)
+        metrics.write({"kind": "train", "step": done, "loss": loss if finite else None,
+                       "grad_norm": float(m["grad_norm"]) if finite else None,
                        "tokens_per_s": progress.tokens_per_s(done)})
         progress.update(done, loss)
     if done % t.eval_every == 0 or done == t.steps:

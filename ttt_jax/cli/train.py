@@ -3,18 +3,23 @@
 Reads the YAML config (a file, or a packaged preset name such as ``tiny``), applies ``--set``
 overrides (e.g. ``--set train.steps=50``), trains on the configured data, and writes
 ``config.yaml``, ``metrics.jsonl``, ``loss.png`` and ``checkpoints/`` to ``train.run_dir``; a
-run directory that already holds checkpoints is resumed. The config's ``architecture:`` key
-(default ``ttt_lm``) selects the model. ``--check`` only validates the config and its data and
-prints the parameter count.
+run directory that already holds checkpoints is resumed (``--force-new`` moves it aside and
+starts anew). The config's ``architecture:`` key (default ``ttt_lm``) selects the model.
+``--check`` only validates the config, its data and the run directory, and prints the
+parameter count. Exit status: 0 done, 2 a bad config or input (one ``error:`` line), 3 a
+non-finite loss or gradient, 130 / 143 stopped by SIGINT / SIGTERM (after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import textwrap
+from pathlib import Path
 
 from ttt_jax.cli import presets
+from ttt_jax.errors import UsageError, report
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip()
 
@@ -26,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set model.ttt.use_rope=true "
                              "(repeatable)")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and the data, print the model size, and exit")
+                        help="validate the config, the data and the run directory, print the "
+                             "model size, and exit")
+    parser.add_argument("--force-new", action="store_true",
+                        help="start a new run even if train.run_dir holds one: the old run is "
+                             "moved aside first (checkpoint.overwrite=true)")
 
 
 def epilog() -> str:
@@ -37,12 +46,25 @@ def epilog() -> str:
     return f"presets (--config NAME):\n{names}\n\n{config_reference()}"
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    path = Path(args.config)
+    if path.is_dir() and str(args.config).removesuffix(presets.SUFFIX) not in presets.names():
+        raise UsageError(f"--config {str(args.config)!r} is a directory: expected a YAML file "
+                         f"or a packaged preset name")
+    overrides = list(args.set) + (["checkpoint.overwrite=true"] if args.force_new else [])
+    return presets.load(args.config, overrides)
+
+
+def _train(args: argparse.Namespace, stop) -> int:
     from ttt_jax import registry
 
-    cfg = presets.load(args.config, args.set)
+    cfg = _load(args)
+    stop.check()
     if args.check:
+        from ttt_jax.trainer import preflight
+
         arch = registry.of(cfg)
+        preflight(cfg, arch)
         train_ds, _ = arch.build_datasets(cfg)
         print(f"config {args.config}: {arch.count_params(cfg.model):,} parameters; "
               f"data {train_ds.describe()['source']} ok")
@@ -52,5 +74,22 @@ def run(args: argparse.Namespace) -> int:
 
     # Several hosts: join them first (docs/scaling.md); a single process is unchanged.
     maybe_initialize(os.environ)
-    train(cfg)
-    return 0
+    result = train(cfg, stop=stop)
+    return 128 + result["signal"] if result["stopped"] else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trains; a signal, a non-finite loss and Ctrl-C during start-up are one ``error:`` line
+    and their own exit status (see the module docstring)."""
+    from ttt_jax.run_dir import Interrupted, StopSignals
+
+    try:
+        with StopSignals() as stop:  # installed first: covers the imports and the compile
+            return _train(args, stop)
+    except Interrupted as e:
+        return report(str(e), e.exit_status)
+    except Exception as e:  # noqa: BLE001 -- only the trainer's NonFiniteError is handled here
+        trainer = sys.modules.get("ttt_jax.trainer")  # not imported: it cannot have raised
+        if trainer is None or not isinstance(e, trainer.NonFiniteError):
+            raise
+        return report(str(e), e.exit_status)
