@@ -1,19 +1,24 @@
 """``ttt-jax export``: a checkpoint (or a params file) to PyTorch names, by architecture.
 
-  ttt-jax export --checkpoint RUN_DIR[/STEP] --out DIR [--dtype bf16] [--force]
+  ttt-jax export --checkpoint RUN_DIR[/STEP] --out DIR [--dtype bf16] [--force] [--allow-inexact]
   ttt-jax export --params FILE.msgpack --config CONFIG --out DIR
 
 The checkpoint's run config (or ``--config``: a YAML file or preset name) gives the
 architecture: ``ttt_lm`` writes a ttt-lm-pytorch directory (``config.json`` +
 ``model.safetensors``, ``ttt_jax.export``); ``moshi_ttt`` writes moshi's names for the backbone
 and the Moshi-TTT names for the TTT layers (``ttt_jax.moshi.export``). An architecture without
-the ``export`` feature is refused. ``--params`` is a ``flax.serialization.msgpack_serialize``
+the ``export`` feature is refused, and so is a TTT-LM without RoPE unless ``--allow-inexact``
+(ttt-lm-pytorch always applies RoPE: its logits would differ). Files get the mode of any new
+file (0644 under umask 022). ``--params`` is a ``flax.serialization.msgpack_serialize``
 of the variables (or of the params tree alone). Needs the torch extra (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -43,8 +48,32 @@ def _ttt_lm(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
     from ttt_jax.export.torch import export_dtype, save_torch
 
     dtype = export_dtype(dtype or "float32")
-    save_torch(cfg.model, {"params": params}, out, dtype=dtype, force=force)
+    with warnings.catch_warnings(record=True) as caught:  # use_rope=false: allowed, said once
+        warnings.simplefilter("always", UserWarning)
+        save_torch(cfg.model, {"params": params}, out, dtype=dtype, force=force)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     return f"wrote {out}/config.json and {out}/model.safetensors ({dtype})"
+
+
+def check_exact(cfg, key: str, allow_inexact: bool) -> None:
+    """A TTT-LM without RoPE has no exact ttt-lm-pytorch counterpart (the reference always
+    rotates Q and K): refused unless ``--allow-inexact``."""
+    if not cfg.model.ttt.use_rope and not allow_inexact:
+        raise UsageError(f"{key} is invalid for export: its model has model.ttt.use_rope=false, "
+                         f"but ttt-lm-pytorch always applies RoPE, so the exported model would "
+                         f"compute different logits; pass --allow-inexact to write it anyway "
+                         f"(config.json keeps use_rope=false, so ttt-jax import restores it "
+                         f"exactly)")
+
+
+def normal_permissions(out: Path, names) -> None:
+    """Gives the files an export wrote the mode of any new file (0644 under umask 022)."""
+    from ttt_jax.export.torch import file_mode
+
+    for name in names:
+        if (out / name).is_file():
+            os.chmod(out / name, file_mode())
 
 
 def _moshi_ttt(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
@@ -70,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", help="ttt_lm: float32 (default) or bfloat16/bf16")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--allow-inexact", action="store_true",
+                   help="ttt_lm: export a model without RoPE even though ttt-lm-pytorch (which "
+                        "always applies RoPE) will compute different logits")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if arch.name not in EXPORTERS:
         raise UsageError(f"{key} is invalid: ttt-jax export has no exporter for architecture "
                          f"{arch.name!r} (it has: {', '.join(EXPORTERS)})")
+    if arch.name == "ttt_lm":
+        check_exact(cfg, key, args.allow_inexact)
     with optional_dependency():
         print(EXPORTERS[arch.name](cfg, params, out, args.dtype, args.force))
+    normal_permissions(out, ("config.json", "model.safetensors"))
     return 0

@@ -180,11 +180,25 @@ def save_torch(model_config: ModelConfig, variables: Mapping, out_dir: str | os.
         (out / stale).unlink(missing_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")
     safetensors_numpy.save_file(state, str(tmp), metadata=dict(SAFETENSORS_METADATA))
+    os.chmod(tmp, file_mode())  # safetensors writes through a private (0600) temporary file
     os.replace(tmp, out / WEIGHTS_NAME)
     tmp = out / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(reference_config(model_config, dtype), indent=2) + "\n")
     os.replace(tmp, out / CONFIG_NAME)
     return out
+
+
+def file_mode() -> int:
+    """The mode a new file gets here: ``0o666`` less the umask (0644 under the usual 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _import(module: str):
