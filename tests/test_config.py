@@ -266,11 +266,11 @@ def test_float_tokens_rejected(tiny_model_config):
 
 def test_apply_overrides():
     cfg = load_config(TINY)
-    assert not cfg.model.ttt.use_rope
-    new = apply_overrides(cfg, ["model.ttt.use_rope=true", "model.num_layers=3"])
+    assert cfg.model.ttt.use_rope  # tiny.yaml: RoPE on, as in ttt-lm-pytorch
+    new = apply_overrides(cfg, ["model.ttt.use_rope=false", "model.num_layers=3"])
     expected = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, num_layers=3,
-                                       ttt=dataclasses.replace(cfg.model.ttt, use_rope=True)))
+                                       ttt=dataclasses.replace(cfg.model.ttt, use_rope=False)))
     assert new == expected
     assert apply_overrides(cfg, []) == cfg
 
