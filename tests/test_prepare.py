@@ -330,4 +330,5 @@ def test_standard_preset_check_requires_prepared(tmp_path, prepared, monkeypatch
     assert cli_main(argv + ["--set", f"data.prepared={prepared}",
                             "--set", "model.vocab_size=500"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: model.vocab_size=500 is invalid") and "512" in err
+    assert err.startswith("error: model.vocab_size=500 is invalid: the huggingface tokenizer of "
+                          "data.prepared=") and "has 512 ids" in err, err
