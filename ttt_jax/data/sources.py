@@ -270,7 +270,12 @@ def _make_prepared(common: dict[str, Any], path, vocab_size, **_) -> Dataset:
     check_model_vocab(meta, vocab_size, directory)
     # meta's tokenizer vocab bounds every id, so the files need no scan for their largest id.
     tokens = load_split(directory, meta, common["split"])
-    name = f"prepared data {directory!r} ({common['split']}.bin)"
+    name = f"prepared data {directory!r}"
+    if tokens.shape[0] < common["seq_len"] + 1:
+        raise ValueError(f"data.prepared={directory!r}: {meta['splits'][common['split']]['file']} "
+                         f"holds {tokens.shape[0]} tokens, fewer than one sequence of "
+                         f"data.seq_len+1={common['seq_len'] + 1}: prepare it again with more "
+                         f"text or a larger --val-fraction, or lower data.seq_len")
     info = {**tokenizer_info(meta, directory), "documents":
             int(meta["splits"][common["split"]]["documents"])}
     return WindowDataset(tokens, source="prepared", name=name,

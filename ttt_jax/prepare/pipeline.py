@@ -177,7 +177,7 @@ def prepare(opts: PrepareOptions, stream=None) -> dict:
             "splits": {s: {"file": SPLIT_FILES[s], "tokens": t, "documents": d}
                        for s, (t, d) in counts.items()},
             "documents_skipped": skipped, "text_bytes": text_bytes,
-            "inputs": [str(p) for p in inputs.paths], "field": opts.field,
+            "inputs": [str(p.resolve()) for p in inputs.paths], "field": opts.field,
             "text_unit": opts.text_unit,
             "split": {"rule": SPLIT_RULE, "val_fraction": opts.val_fraction, "seed": opts.seed},
         }

@@ -76,7 +76,8 @@ class Tokenizer:
         return self.file_name
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "vocab_size": self.vocab_size,
+        path = None if self.path is None else str(Path(self.path).resolve())
+        return {"kind": self.kind, "path": path, "vocab_size": self.vocab_size,
                 "eos_id": self.eos_id}
 
 
