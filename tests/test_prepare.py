@@ -316,6 +316,15 @@ def test_train_on_prepared_then_generate(tmp_path, prepared, bpe, capsys):
     assert text.startswith("def ") and len(text) > len("def ")
     assert "Ġ" not in text and "Ċ" not in text  # decoded, not byte-level BPE pieces
 
+    # The loss by position reads the run's own prepared validation split.
+    out_dir = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run"), "--lengths", "16",
+                     "--num-sequences", "2", "--out", str(out_dir)]) == 0
+    (model,) = json.loads((out_dir / "eval_context.json").read_text())["models"]
+    assert model["data_source"] == "prepared"
+    loss = model["lm"]["16"]["loss"]
+    assert np.isfinite(loss) and loss < np.log(512)  # better than uniform over the tokenizer
+
 
 def test_standard_preset_check_requires_prepared(tmp_path, prepared, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -53,7 +53,7 @@ def _eval_main(argv: Sequence[str]) -> int:
     through ``run_command`` itself."""
     from ttt_jax.evals.cli import main as eval_main
 
-    return eval_main(list(argv))
+    return eval_main(list(argv), prog="ttt-jax eval")
 
 
 def _plain(text: str) -> str:

@@ -1,7 +1,7 @@
 """Held-out sequences of a checkpoint's own validation data, for the loss by position.
 
 Token LMs (``ttt_lm``, ``attention_lm``): windows of the validation split of ``data.source:
-bytes`` or ``tokens`` (int32 ``[N, L + 1]``). Moshi-TTT (``moshi_ttt``): frames of ``K`` token
+bytes``, ``tokens`` or ``prepared`` (int32 ``[N, L + 1]``). Moshi-TTT (``moshi_ttt``): frames of ``K`` token
 streams (int32 ``[N, L + 1, K]``): windows of the validation bytes or of the held-out tail of
 every codebook file (concatenated in file order), or, for ``synthetic``, validation rows
 generated at the requested length. Windows sit at evenly spaced offsets that depend only on the
@@ -18,7 +18,7 @@ import numpy as np
 
 from ttt_jax import registry
 
-LANGUAGE_SOURCES = ("bytes", "tokens")
+LANGUAGE_SOURCES = ("bytes", "tokens", "prepared")
 
 
 def evenly_spaced_windows(stream: np.ndarray, length: int, count: int, what: str) -> np.ndarray:
@@ -34,17 +34,13 @@ def evenly_spaced_windows(stream: np.ndarray, length: int, count: int, what: str
 
 
 def _lm_stream(cfg) -> tuple[np.ndarray, str]:
-    from ttt_jax.data import make_dataset
-
     d = cfg.data
     if d.source not in LANGUAGE_SOURCES:
         raise ValueError(f"data.source={d.source!r} of the checkpoint is not language data: loss "
-                         f"by position needs 'bytes' or 'tokens' (use --recall for recall)")
-    kwargs = dict(path=d.path, vocab_size=cfg.model.vocab_size)
-    if d.source == "tokens":
-        kwargs.update(token_dtype=d.token_dtype, val_fraction=d.val_fraction)
-    ds = make_dataset(d.source, seq_len=d.seq_len, batch_size=1, seed=0, split="val", **kwargs)
-    return np.asarray(ds.tokens), f"the {d.source} validation split"
+                         f"by position needs one of {', '.join(LANGUAGE_SOURCES)} (use --recall "
+                         f"for recall)")
+    _, val = registry.of(cfg).build_datasets(cfg)  # the run's own validation split
+    return np.asarray(val.tokens), f"the {d.source} validation split"
 
 
 def _moshi_stream(cfg) -> tuple[Optional[np.ndarray], str]:
