@@ -1,0 +1,272 @@
+"""Mutation check: do the tests catch deliberate breakages of the core?
+
+    python tests/mutation_check.py            # every mutation
+    python tests/mutation_check.py --list     # names only
+    python tests/mutation_check.py --only no_tril,resume_skipped
+    python tests/mutation_check.py --tests-from REV   # the same mutations against older tests
+
+Each mutation replaces source text in a temporary copy of the working tree (tracked and
+untracked, not ignored files), then runs a targeted pytest selection there; the mutation is
+*caught* when a test fails (exit status 1), *missed* when the selection passes. A mutation
+whose source text is no longer there is reported *stale* (update it with the code). The copy
+imports its own ``ttt_jax`` (``PYTHONPATH``), writes no bytecode, and the checkout is never
+touched. Not collected by pytest (the file name does not start with ``test_``); not part of
+``make test``: it runs every selection once per mutation (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    path: str  # relative to the repository root
+    edits: tuple  # ((old, new), ...): each old occurs exactly once; "re:" old is a regex
+    tests: tuple  # pytest arguments run in the copy
+
+
+CORRECTNESS = ("tests/test_ttt_correctness.py",)
+# The first layer's mask of the whole mini-batches, m1 = tril(eta * (xq xk^T + 1)), in the
+# spellings the dual form has had.
+DUAL_MASK = (r"re:m1 = jnp\.tril\(eta \* (\((?:mm|_mm_nt)\(xq, (?:_swap\(xk\)|xk)\) "
+             r"\+ 1\.0\))\)")
+
+MUTATIONS = [
+    # --- the core -----------------------------------------------------------------------------
+    Mutation("no_tril", "dual form: the mask of whole mini-batches without its tril",
+             "ttt_jax/math/ttt.py",
+             ((DUAL_MASK, r"m1 = eta * \1"),),
+             CORRECTNESS),
+    Mutation("end_state_for_every_token",
+             "dual form: every token reads the mini-batch's end state (tok[b-1], all j)",
+             "ttt_jax/math/ttt.py",
+             ((DUAL_MASK, r"m1 = tok[-1] * lr[..., None, :] * \1"),),
+             CORRECTNESS),
+    Mutation("resume_skipped", "trainer: checkpoint.resume ignored (always starts afresh)",
+             "ttt_jax/trainer.py",
+             (("restored = ckpt.restore_latest(state, log=print_fn) if c.resume else None",
+               "restored = None"),),
+             ("tests/test_checkpoint.py::test_resume_after_sigkill_is_bit_identical",)),
+    Mutation("rope_rotates_v", "layer: V rotated as well as Q and K",
+             "ttt_jax/nn/ttt_layer.py",
+             (("            xq, xk = apply_bounded_rope(xq, xk, pos,",
+               "            xv, _ = apply_bounded_rope(xv, xv, pos, mini_batch_size=cfg."
+               "mini_batch_size, theta=cfg.rope_theta, layout=cfg.rope_layout, "
+               "bounded=cfg.rope_bounded)\n"
+               "            xq, xk = apply_bounded_rope(xq, xk, pos,"),),
+             CORRECTNESS),
+    Mutation("rope_position_off_by_one", "bounded RoPE reads (p + 1) % b",
+             "ttt_jax/math/rope.py",
+             (("return jnp.mod(position_ids, mini_batch_size)",
+               "return jnp.mod(position_ids + 1, mini_batch_size)"),),
+             CORRECTNESS),
+    # --- one per claim the tests pin -----------------------------------------------------------
+    Mutation("unbounded_rope_wraps", "rope_bounded: false still wraps positions (at 4b)",
+             "ttt_jax/math/rope.py",
+             (("cos, sin = position_angles(position_ids, xq.shape[-1], theta)",
+               "cos, sin = position_angles(position_ids % (4 * mini_batch_size), xq.shape[-1], "
+               "theta)"),),
+             CORRECTNESS),
+    Mutation("base_lr_ignored", "layer: ttt_base_lr read as 1.0",
+             "ttt_jax/nn/ttt_layer.py",
+             (("lr = cfg.ttt_base_lr * jax.nn.sigmoid(logits)", "lr = 1.0 * jax.nn.sigmoid(logits)"),),
+             CORRECTNESS),
+    Mutation("inner_grad_detached",
+             "no gradient flows through the inner-loss gradient G (the forward is unchanged)",
+             "ttt_jax/math/inner.py",
+             (("g = [layer_norm_l2_grad(zs[-1], target, ln_weight, ln_bias)]",
+               "g = [jax.lax.stop_gradient(layer_norm_l2_grad(zs[-1], target, ln_weight, "
+               "ln_bias))]"),),
+             ("tests/test_ttt_correctness.py", "tests/test_variants.py", "-k", "gradient")),
+    Mutation("inner_math_in_compute_dtype", "layer: the inner loop runs in the compute dtype",
+             "ttt_jax/nn/ttt_layer.py",
+             (("return jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)",
+               "return jnp.transpose(x, (0, 2, 1, 3))"),),
+             ("tests/test_variants.py", "-k", "bfloat16")),
+    Mutation("sampling_temperature_sqrt", "sampling divides the logits by sqrt(temperature)",
+             "ttt_jax/decode.py",
+             (("/ jnp.where(temperature > 0, temperature, 1.0)",
+               "/ jnp.where(temperature > 0, jnp.sqrt(temperature), 1.0)"),),
+             ("tests/test_decode.py", "-k", "sampl or top_k")),
+    Mutation("keep_one_more", "checkpoints: keep + 1 steps kept",
+             "ttt_jax/checkpoint/manager.py",
+             (("max_to_keep=keep,", "max_to_keep=keep + 1,"),),
+             ("tests/test_checkpoint.py::test_resume_after_sigkill_is_bit_identical",)),
+    Mutation("init_from_ignored", "trainer: checkpoint.init_from loads nothing",
+             "ttt_jax/trainer.py",
+             (("return state.replace(params=params, opt_state=optimizer.init(params))",
+               "return state"),),
+             ("tests/test_checkpoint.py::test_init_from_and_strict_through_a_run",)),
+    Mutation("schedule_decay_too_short", "schedule: the cosine ends warmup_steps early",
+             "ttt_jax/training.py",
+             (("decay_steps=max(total_steps, warmup + 1)", "decay_steps=max(total_steps - warmup, 1)"),),
+             ("tests/test_training.py", "-k", "schedule")),
+    Mutation("b2_decayed", "weight decay on the inner MLP's second bias",
+             "ttt_jax/training.py",
+             (('"ttt_norm_bias", "b1", "b2")', '"ttt_norm_bias", "b1")'),),
+             ("tests/test_training.py", "-k", "decay")),
+    Mutation("error_two_lines", "errors: a hint line after the error line",
+             "ttt_jax/errors.py",
+             ((r're:( *)print\(f"error: \{(e|message)\}", file=sys\.stderr\)',
+               r'\1print(f"error: {\2}", file=sys.stderr)\n\1print("see --help", file=sys.stderr)'),),
+             ("tests/test_errors.py",)),
+    Mutation("recall_accuracy_inverted", "evals: recall accuracy counts the wrong answers",
+             "ttt_jax/evals/tasks.py",
+             (("acc = float(np.mean(pred[:, q] == values))", "acc = float(np.mean(pred[:, q] != values))"),),
+             ("tests/test_evals.py", "-k", "cli_on_a_tiny")),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    """Tracked and untracked (not ignored) files of the working tree, symlinks kept."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.exists() and not src.is_symlink():  # deleted in the working tree
+            continue
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), out)
+        elif src.is_file():
+            shutil.copy2(src, out)
+
+
+def pytest_env(root: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def run_selection(root: Path, tests: tuple, timeout: int) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=pytest_env(root), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def first_failure(output: str) -> str:
+    """The first failing test, without its parameters."""
+    m = re.search(r"^(?:FAILED|ERROR) ([^\s\[]+)", output, re.M)
+    return m.group(1) if m else ""
+
+
+def count(text: str, old: str) -> int:
+    return len(re.findall(old[3:], text)) if old.startswith("re:") else text.count(old)
+
+
+def substitute(text: str, old: str, new: str) -> str:
+    return re.sub(old[3:], new, text) if old.startswith("re:") else text.replace(old, new)
+
+
+def first_error_line(output: str) -> str:
+    """The first ``E   ...`` line of pytest's report: what the failing assertion said."""
+    m = re.search(r"^E +(.+)$", output, re.M)
+    return m.group(1).strip()[:200] if m else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated mutation names")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run every selection unmutated (it must pass)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per selection")
+    parser.add_argument("--tests-from", metavar="REV",
+                        help="use the tests/ files of this git revision (what they caught then)")
+    parser.add_argument("--why", action="store_true",
+                        help="also print the first assertion message of each caught mutation")
+    args = parser.parse_args(argv)
+    chosen = MUTATIONS
+    if args.only:
+        names = args.only.split(",")
+        unknown = set(names) - {m.name for m in MUTATIONS}
+        if unknown:
+            parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+        chosen = [m for m in MUTATIONS if m.name in names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:30s} {m.what}  [{' '.join(m.tests)}]")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="ttt_jax_mutation_") as tmp:
+        root = Path(tmp)
+        copy_tree(root)
+        if args.tests_from:
+            names = subprocess.run(["git", "ls-tree", "-r", "--name-only", args.tests_from,
+                                    "tests/"], cwd=REPO, check=True, capture_output=True,
+                                   text=True).stdout.split()
+            for rel in names:
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(subprocess.run(
+                    ["git", "show", f"{args.tests_from}:{rel}"], cwd=REPO, check=True,
+                    capture_output=True).stdout)
+        where = subprocess.run([sys.executable, "-c", "import ttt_jax; print(ttt_jax.__file__)"],
+                               cwd=root, env=pytest_env(root), capture_output=True, text=True)
+        if not where.stdout.strip().startswith(str(root)):
+            print(f"the copy does not import its own ttt_jax: {where.stdout}{where.stderr}")
+            return 2
+        if args.baseline:
+            for tests in sorted({m.tests for m in chosen}):
+                rc, out = run_selection(root, tests, args.timeout)
+                print(f"baseline {' '.join(tests)}: {'pass' if rc == 0 else 'FAIL'}", flush=True)
+                if rc != 0:
+                    print(out[-3000:])
+                    return 2
+        results = []
+        for m in chosen:
+            path = root / m.path
+            original = path.read_text() if path.exists() else None
+            stale = original is None or any(count(original, old) != 1 for old, _ in m.edits)
+            start = time.time()
+            if stale:
+                verdict, detail = "stale", "source text not found"
+            else:
+                text = original
+                for old, new in m.edits:
+                    text = substitute(text, old, new)
+                path.write_text(text)
+                try:
+                    rc, out = run_selection(root, m.tests, args.timeout)
+                finally:
+                    path.write_text(original)
+                if rc == 1:
+                    verdict, detail = "caught", first_failure(out)
+                elif rc == 0:
+                    verdict, detail = "MISSED", ""
+                else:
+                    verdict, detail = "error", f"pytest exit status {rc}: " + out[-300:].strip()
+            results.append((m, verdict, detail, time.time() - start))
+            print(f"{m.name:30s} {verdict:7s} {time.time() - start:6.0f}s  {detail}", flush=True)
+            if args.why and verdict == "caught":
+                print(f"{'':30s} {first_error_line(out)}", flush=True)
+    print()
+    print("| mutation | what it breaks | result | first failing test |")
+    print("|---|---|---|---|")
+    for m, verdict, detail, _ in results:
+        print(f"| `{m.name}` | {m.what} | {verdict} | {detail and '`' + detail + '`'} |")
+    caught = sum(v == "caught" for _, v, _, _ in results)
+    print(f"\n{caught}/{len(results)} caught")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
