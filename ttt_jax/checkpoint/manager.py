@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -33,9 +34,13 @@ def shapes(tree) -> dict[str, tuple]:
     return {k: (tuple(leaf.shape), str(leaf.dtype)) for k, leaf in flatten(tree).items()}
 
 
-def first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception in one line: its first line, without tensorstore's
+    spec dump, at most ``limit`` characters."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", text.splitlines()[0] if text else "")
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return f"{type(e).__name__}: {text}"
 
 
 def check_fits(saved: dict[str, tuple], target: dict[str, tuple], where: str) -> None:
