@@ -36,6 +36,9 @@ def resolve(value: str | Path) -> Path:
     known = names()
     if name in known:
         return PRESET_DIR / f"{name}{SUFFIX}"
+    if path.is_dir():
+        raise UsageError(f"--config {str(value)!r} is a directory: expected a YAML file or a "
+                         f"packaged preset name")
     raise UsageError(f"--config {str(value)!r} does not exist: expected a YAML file or a "
                      f"packaged preset ({', '.join(known)})")
 

@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 from ttt_jax.cli import presets
 from ttt_jax.errors import UsageError, report
@@ -47,10 +46,6 @@ def epilog() -> str:
 
 
 def _load(args: argparse.Namespace):
-    path = Path(args.config)
-    if path.is_dir() and str(args.config).removesuffix(presets.SUFFIX) not in presets.names():
-        raise UsageError(f"--config {str(args.config)!r} is a directory: expected a YAML file "
-                         f"or a packaged preset name")
     overrides = list(args.set) + (["checkpoint.overwrite=true"] if args.force_new else [])
     return presets.load(args.config, overrides)
 
