@@ -147,8 +147,11 @@ def read_yaml(path: str | Path) -> Any:
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
         data = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # the parser's message spans lines (problem, snippet, caret)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML{where}: {what}") from e
     return data if data is not None else {}
 
 
