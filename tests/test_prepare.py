@@ -255,7 +255,7 @@ def test_errors_are_one_line(case, message, tmp_path, capsys, monkeypatch):
 
 
 def test_parquet_input_equals_jsonl(tmp_path, docs, prepared, bpe):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet", row_group_size=7)
@@ -267,7 +267,8 @@ def test_parquet_input_equals_jsonl(tmp_path, docs, prepared, bpe):
 
 
 def test_saved_hf_dataset_equals_jsonl(tmp_path, docs, prepared, bpe):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "hf"
     assert run_prepare(tmp_path / "ds", "--tokenizer", bpe[0], "--out", out,
