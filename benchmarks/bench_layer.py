@@ -101,7 +101,7 @@ def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    time_fn.last_peak_bytes = _peak_bytes(compiled)
+    time_fn.last_peak_bytes = peak_bytes(compiled)
     out = None
     for _ in range(warmup):
         out = jax.block_until_ready(compiled(*args))
@@ -113,7 +113,7 @@ def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int):
     return compile_s, times, out
 
 
-def _peak_bytes(compiled) -> Optional[int]:
+def peak_bytes(compiled) -> Optional[int]:
     """Argument + output + temp bytes that XLA plans for the compiled executable."""
     try:
         m = compiled.memory_analysis()

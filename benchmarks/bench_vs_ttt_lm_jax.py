@@ -66,7 +66,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.bench_layer import emit, header  # noqa: E402
+from benchmarks.bench_layer import emit, header, peak_bytes  # noqa: E402
 from ttt_jax import TTTConfig, TTTLayer  # noqa: E402
 from ttt_jax.config import ModelConfig  # noqa: E402
 from ttt_jax.models.ttt_lm import TTTLM  # noqa: E402
@@ -261,15 +261,6 @@ def compile_fn(fn: Callable, args: tuple):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - t0
-
-
-def peak_bytes(compiled) -> Optional[int]:
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
 
 
 def time_pair(fns: dict[str, Any], args: dict[str, tuple], repeats: int, warmup: int):
