@@ -489,3 +489,15 @@ def test_export_refuses_a_model_without_rope_unless_allow_inexact(trained, tmp_p
     assert all(line.startswith("warning: ") for line in err.splitlines()), err
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path):
+    """One checkpoint needs the params and two Adam moments; less free space is refused by
+    name before anything is written (the check itself, with the free bytes given)."""
+    from ttt_jax.run_dir import RunDirError, check_free_space
+
+    with pytest.raises(RunDirError, match=r"'x' has 1 MiB free, fewer than the 3 MiB one "
+                                          r"checkpoint needs"):
+        check_free_space(tmp_path / "run", 3 * 2**20, "'x'", free=2**20)
+    check_free_space(tmp_path / "run", 3 * 2**20, "'x'", free=4 * 2**20)
+    check_free_space(tmp_path / "run" / "checkpoints", 1, "'x'")  # real disk: plenty

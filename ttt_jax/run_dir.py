@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -66,6 +67,17 @@ def check_directory(path: str | Path, what: str) -> None:
         raise RunDirError(f"{what} cannot be created: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunDirError(f"{what} cannot be created: {parent} is not writable by this user")
+
+
+def check_free_space(path: str | Path, need: int, what: str, *, free: Optional[int] = None) -> None:
+    """Raises ``RunDirError`` naming ``what`` unless the file system of ``path`` (or of its
+    nearest existing ancestor) has ``need`` bytes free (``free``: the free bytes, for tests)."""
+    if free is None:
+        free = shutil.disk_usage(_nearest_existing(Path(path))).free
+    if free < need:
+        raise RunDirError(f"{what} has {free / 2**20:,.0f} MiB free, fewer than the "
+                          f"{need / 2**20:,.0f} MiB one checkpoint needs (params and two Adam "
+                          f"moments): free some space or choose another train.run_dir")
 
 
 # ------------------------------------------------------------------ ownership

@@ -32,7 +32,8 @@ from ttt_jax import diagnostics, distributed, registry, sharding, training
 from ttt_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, load_saved, merge_params, resolve
 from ttt_jax.config import RunConfig, save_config, to_dict
 from ttt_jax.logging import MetricsWriter, Progress, plot_losses
-from ttt_jax.run_dir import RunLock, StopSignals, check_directory, check_ownership, move_aside
+from ttt_jax.run_dir import (RunLock, StopSignals, check_directory, check_free_space,
+                             check_ownership, move_aside)
 from ttt_jax.tree import flatten
 
 EXIT_NONFINITE = 3
@@ -113,6 +114,11 @@ def preflight(cfg, arch=None) -> None:
     check_directory(run_dir / CHECKPOINT_DIR,
                     f"the checkpoint directory {str(run_dir / CHECKPOINT_DIR)!r}")
     check_ownership(run_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite)
+    # One checkpoint: the float32 params and Adam's two moments, from shapes alone.
+    shapes = jax.tree.leaves(arch.param_shapes(cfg.model))
+    need = 3 * sum(x.size * x.dtype.itemsize for x in shapes)
+    check_free_space(run_dir / CHECKPOINT_DIR, need,
+                     f"the checkpoint directory {str(run_dir / CHECKPOINT_DIR)!r}")
 
 
 class _FiniteGuard:
