@@ -36,19 +36,22 @@ def generated(capsys, *argv):
 
 
 def test_trained_checkpoint_generates_text_reproducibly(trained, capsys):
-    args = ["--checkpoint", str(trained), "--prompt", "def ", "-n", "96", "--temperature", "0.7"]
+    args = ["--checkpoint", str(trained), "--prompt", "def ", "-n", "96", "--temperature", "0.7",
+            "--samples", "4"]
     first = generated(capsys, *args, "--seed", "1")
     again = generated(capsys, *args, "--seed", "1")
     other = generated(capsys, *args, "--seed", "2")
     assert first == again and first != other
-    text = first[len("def "):]
+    text = "".join(part.split("\n", 1)[1][len("def "):] for part in first.split("--- sample ")[1:])
     # Trained on Python sources, the model writes mostly printable ASCII; an untrained model's
     # near-uniform bytes would be printable about 95/256 of the time.
     printable = sum(32 <= ord(c) < 127 or c == "\n" for c in text) / len(text)
     assert printable > 0.9, text
-    # And it is not one repeated character: words and layout, not a stuck loop.
-    assert len(set(text)) >= 10, text
-    assert collections.Counter(text).most_common(1)[0][1] < 0.7 * len(text), text
+    # Indentation makes much of Python whitespace; the rest is words, not a stuck loop.
+    visible = [c for c in text if not c.isspace()]
+    assert len(visible) > 0.15 * len(text), text
+    assert len(set(visible)) >= 15, text
+    assert collections.Counter(visible).most_common(1)[0][1] < 0.3 * len(visible), text
 
 
 def test_several_samples_and_greedy(trained, capsys):
