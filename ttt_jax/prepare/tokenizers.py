@@ -9,6 +9,7 @@ token (no BOS/EOS): the separator is written by the pipeline.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import shutil
@@ -40,7 +41,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Base: a tokenizer that ``prepare`` runs and ``generate`` decodes with."""
 
     kind = ""
@@ -59,14 +60,16 @@ class Tokenizer:
             return hashlib.sha256(self.kind.encode()).hexdigest()
         return file_sha256(self.path)
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """Token ids of every text (no special tokens added)."""
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
     def copy_to(self, directory: Path) -> Optional[str]:
         """Copies the tokenizer file into ``directory``; returns its name there (or None)."""
