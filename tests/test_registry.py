@@ -144,3 +144,13 @@ def test_no_config_probing_and_no_outside_citations():
         text = path.read_text()
         assert not outside.search(text), f"{path} cites a file outside the repository"
         assert not probing.search(text), f"{path} probes a config's attributes"
+
+
+def test_export_feature_and_hook_go_together():
+    """``export`` is supported exactly by the architectures that have an exporter."""
+    for name in registry.names():
+        arch = registry.get(name)
+        assert arch.supports("export") == (arch.export is not None)
+    base = registry.get("attention_lm")
+    with pytest.raises(ValueError, match="the export feature and the export hook go together"):
+        registry.Architecture(**{**base.__dict__, "features": base.features | {"export"}})

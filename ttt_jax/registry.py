@@ -42,6 +42,9 @@ class Architecture:
       param_group: param path (``a/b/c``) -> optimizer group; ``None``: one group.
       lr_scales: run config -> learning-rate multiplier per group.
       frozen_groups: run config -> groups whose params are not updated.
+      export: ``(run config, params, out dir, *, dtype, force, allow_inexact, key) -> str``
+        writes the PyTorch files and returns a line saying what it wrote; present exactly
+        when ``export`` is among the features.
       description: one line for ``--help`` and errors.
     """
 
@@ -54,6 +57,7 @@ class Architecture:
     param_group: Optional[Callable[[str], str]] = None
     lr_scales: Callable[[Any], Mapping[str, float]] = lambda cfg: {}
     frozen_groups: Callable[[Any], Sequence[str]] = lambda cfg: ()
+    export: Optional[Callable[..., str]] = None
     description: str = ""
 
     def __post_init__(self):
@@ -61,6 +65,9 @@ class Architecture:
         if unknown:
             raise ValueError(f"architecture {self.name!r}: unknown features {unknown}; "
                              f"expected some of {', '.join(FEATURES)}")
+        if ("export" in self.features) != (self.export is not None):
+            raise ValueError(f"architecture {self.name!r}: the export feature and the export "
+                             f"hook go together")
 
     def supports(self, feature: str) -> bool:
         return feature in self.features

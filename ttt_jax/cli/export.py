@@ -20,7 +20,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from ttt_jax.cli import presets
 from ttt_jax.errors import UsageError, optional_dependency
@@ -44,29 +43,6 @@ def load_params_file(path: str | Path) -> dict:
     return tree.get("params", tree)
 
 
-def _ttt_lm(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
-    from ttt_jax.export.torch import export_dtype, save_torch
-
-    dtype = export_dtype(dtype or "float32")
-    with warnings.catch_warnings(record=True) as caught:  # use_rope=false: allowed, said once
-        warnings.simplefilter("always", UserWarning)
-        save_torch(cfg.model, {"params": params}, out, dtype=dtype, force=force)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return f"wrote {out}/config.json and {out}/model.safetensors ({dtype})"
-
-
-def check_exact(cfg, key: str, allow_inexact: bool) -> None:
-    """A TTT-LM without RoPE has no exact ttt-lm-pytorch counterpart (the reference always
-    rotates Q and K): refused unless ``--allow-inexact``."""
-    if not cfg.model.ttt.use_rope and not allow_inexact:
-        raise UsageError(f"{key} is invalid for export: its model has model.ttt.use_rope=false, "
-                         f"but ttt-lm-pytorch always applies RoPE, so the exported model would "
-                         f"compute different logits; pass --allow-inexact to write it anyway "
-                         f"(config.json keeps use_rope=false, so ttt-jax import restores it "
-                         f"exactly)")
-
-
 def normal_permissions(out: Path, names) -> None:
     """Gives the files an export wrote the mode of any new file (0644 under umask 022)."""
     from ttt_jax.export.torch import file_mode
@@ -74,19 +50,6 @@ def normal_permissions(out: Path, names) -> None:
     for name in names:
         if (out / name).is_file():
             os.chmod(out / name, file_mode())
-
-
-def _moshi_ttt(cfg, params, out: Path, dtype: Optional[str], force: bool) -> str:
-    from ttt_jax.moshi.export import CONFIG_NAME, WEIGHTS_NAME, save_torch
-
-    if dtype not in (None, "float32"):
-        raise UsageError(f"--dtype {dtype} is invalid: a moshi_ttt export is float32")
-    save_torch(cfg.model, params, out, force=force)
-    return f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
-
-
-# architecture -> (run config, params, out dir, dtype or None, force) -> the line to print
-EXPORTERS = {"ttt_lm": _ttt_lm, "moshi_ttt": _moshi_ttt}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
             cfg, key = presets.load(args.config), "--config"
     arch = registry.of(cfg)
     arch.require("export", key)
-    if arch.name not in EXPORTERS:
-        raise UsageError(f"{key} is invalid: ttt-jax export has no exporter for architecture "
-                         f"{arch.name!r} (it has: {', '.join(EXPORTERS)})")
-    if arch.name == "ttt_lm":
-        check_exact(cfg, key, args.allow_inexact)
-    with optional_dependency():
-        print(EXPORTERS[arch.name](cfg, params, out, args.dtype, args.force))
+    with optional_dependency(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # e.g. use_rope=false, allowed: said once
+        done = arch.export(cfg, params, out, dtype=args.dtype, force=args.force,
+                           allow_inexact=args.allow_inexact, key=key)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(done)
     normal_permissions(out, ("config.json", "model.safetensors"))
     return 0

@@ -49,10 +49,29 @@ def build_datasets(cfg: RunConfig):
     return train, val
 
 
+def export_torch(cfg: RunConfig, params, out, *, dtype=None, force=False, allow_inexact=False,
+                 key="the model") -> str:
+    """A ttt-lm-pytorch directory (``config.json`` + ``model.safetensors``). A model without
+    RoPE has no exact counterpart there (the reference always rotates Q and K): refused unless
+    ``allow_inexact``."""
+    from ttt_jax.export.torch import export_dtype, save_torch
+
+    if not cfg.model.ttt.use_rope and not allow_inexact:
+        raise ValueError(f"{key} is invalid for export: its model has model.ttt.use_rope=false, "
+                         f"but ttt-lm-pytorch always applies RoPE, so the exported model would "
+                         f"compute different logits; pass --allow-inexact to write it anyway "
+                         f"(config.json keeps use_rope=false, so ttt-jax import restores it "
+                         f"exactly)")
+    dtype = export_dtype(dtype or "float32")
+    save_torch(cfg.model, {"params": params}, out, dtype=dtype, force=force)
+    return f"wrote {out}/config.json and {out}/model.safetensors ({dtype})"
+
+
 TTT_LM = register(Architecture(
     name="ttt_lm", run_config=RunConfig, build_model=build_model, sample_input=sample_tokens,
     build_datasets=build_datasets,
     features=frozenset({"diagnostics", "generate", "export", "eval", "mesh"}),
+    export=export_torch,
     description="the TTT-LM (ttt-lm-pytorch's TTTForCausalLM)"))
 
 ATTENTION_LM = register(Architecture(

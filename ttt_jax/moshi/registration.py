@@ -52,9 +52,22 @@ def frozen_groups(cfg: MoshiRunConfig) -> tuple[str, ...]:
     return ("backbone",) if cfg.model.ttt.freeze_backbone else ()
 
 
+def export_torch(cfg: MoshiRunConfig, params, out, *, dtype=None, force=False,
+                 allow_inexact=False, key="the model") -> str:
+    """moshi's names for the backbone, the Moshi-TTT names for the TTT layers (float32)."""
+    from ttt_jax.moshi.export import CONFIG_NAME, WEIGHTS_NAME, save_torch
+
+    del allow_inexact, key  # the export is exact
+    if dtype not in (None, "float32"):
+        raise ValueError(f"--dtype {dtype} is invalid: a moshi_ttt export is float32")
+    save_torch(cfg.model, params, out, force=force)
+    return f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
+
+
 MOSHI_TTT = register(Architecture(
     name="moshi_ttt", run_config=MoshiRunConfig, build_model=MoshiTTTLM,
     sample_input=sample_tokens, build_datasets=build_datasets,
     features=frozenset({"diagnostics", "eval", "export"}),
+    export=export_torch,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's streaming transformer with TTT layers grafted in"))
