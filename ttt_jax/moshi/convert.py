@@ -114,9 +114,14 @@ def to_state_dict(cfg: MoshiTTTConfig, params: Mapping, *, scope: str = "model",
                   prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
     """Our params (``variables["params"]`` of ``MoshiTTTLM``, or of its ``transformer`` with
     ``scope="transformer"``) as a torch-named dict of numpy arrays."""
+    return rules_to_state(_rules(cfg, scope), params, prefix=prefix, dtype=dtype)
+
+
+def rules_to_state(rules: list[Rule], params: Mapping, *, prefix: str = "",
+                   dtype=np.float32) -> dict[str, np.ndarray]:
+    """Applies ``rules`` to ``params``: a torch-named dict; every param must have a rule."""
     params = params.get("params", params)
     flat = flatten_dict(flax.core.unfreeze(params))
-    rules = _rules(cfg, scope)
     wanted = {r.flax for r in rules}
     missing, unexpected = sorted(wanted - set(flat)), sorted(set(flat) - wanted)
     if missing or unexpected:
@@ -152,15 +157,24 @@ def from_state_dict(cfg: MoshiTTTConfig, state: Mapping[str, Any], target: Mappi
     Returns:
       ``(params, kept)``: the filled params and the paths that kept ``target``'s values.
     """
+    arrays = {_modern_key(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
+    return rules_from_state(_rules(cfg, scope), arrays, target, prefix=prefix,
+                            require_ttt=require_ttt, strict=strict)
+
+
+def rules_from_state(rules: list[Rule], arrays: Mapping[str, Any], target: Mapping, *,
+                     prefix: str = "", require_ttt: bool = True,
+                     strict: bool = True) -> tuple[dict, list[str]]:
+    """Applies ``rules`` to torch-named ``arrays`` (keys without ``prefix``) to fill ``target``.
+
+    Every problem is collected first and reported in one ``ValueError`` naming the keys:
+    missing keys, keys no rule reads (with ``strict``), and shape mismatches.
+    """
     target = target.get("params", target)
     flat = dict(flatten_dict(flax.core.unfreeze(target)))
-    rules = _rules(cfg, scope)
-    arrays = {_modern_key(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
     known = {r.torch for r in rules}
-    if strict and set(arrays) - known:
-        raise ValueError(f"state dict has keys no parameter reads: "
-                         f"{sorted(prefix + k for k in set(arrays) - known)[:20]}")
-    kept, missing = [], []
+    unexpected = sorted(prefix + k for k in set(arrays) - known) if strict else []
+    kept, missing, mismatched = [], [], []
     for r in rules:
         if r.torch not in arrays:
             if r.ttt and not require_ttt:
@@ -174,16 +188,27 @@ def from_state_dict(cfg: MoshiTTTConfig, state: Mapping[str, Any], target: Mappi
                 raise ValueError(f"{prefix + r.torch} is non-zero: our TTT projections have no "
                                  f"bias, so this checkpoint cannot be represented exactly")
             continue
-        x = LAYOUTS[r.layout][1](x)
         want = tuple(flat[r.flax].shape)
+        if r.layout == "dense" and x.ndim != 2 or r.layout == "head_row" and x.ndim < 2:
+            mismatched.append(f"{prefix + r.torch} has shape {tuple(x.shape)}")
+            continue
+        x = LAYOUTS[r.layout][1](x)
         if tuple(x.shape) != want:
-            raise ValueError(f"{prefix + r.torch} has shape {tuple(x.shape)} (as ours), expected "
-                             f"{want} for this config")
+            mismatched.append(f"{prefix + r.torch} has shape {tuple(x.shape)} (as ours), "
+                              f"expected {want}")
+            continue
         flat[r.flax] = jnp.asarray(x, flat[r.flax].dtype)
+    problems = []
     if missing:
-        raise ValueError(f"state dict lacks {len(missing)} keys for this config, e.g. "
-                         f"{missing[:5]} (with TTT layers grafted onto a plain Moshi backbone, "
-                         f"pass require_ttt=False)")
+        problems.append(f"state dict lacks {len(missing)} keys for this config, e.g. "
+                        f"{missing[:20]} (with TTT layers grafted onto a plain Moshi backbone, "
+                        f"pass require_ttt=False)")
+    if unexpected:
+        problems.append(f"state dict has keys no parameter reads: {unexpected[:20]}")
+    if mismatched:
+        problems.append(f"shape mismatches for this config: {mismatched[:20]}")
+    if problems:
+        raise ValueError("; ".join(problems))
     return unflatten_dict(flat), sorted(set(kept))
 
 
