@@ -189,14 +189,12 @@ def rules_from_state(rules: list[Rule], arrays: Mapping[str, Any], target: Mappi
                                  f"bias, so this checkpoint cannot be represented exactly")
             continue
         want = tuple(flat[r.flax].shape)
-        if r.layout == "dense" and x.ndim != 2 or r.layout == "head_row" and x.ndim < 2:
-            mismatched.append(f"{prefix + r.torch} has shape {tuple(x.shape)}")
+        theirs = LAYOUTS[r.layout][0](np.broadcast_to(np.float32(0), want)).shape
+        if tuple(x.shape) != tuple(theirs):
+            mismatched.append(f"{prefix + r.torch} has shape {tuple(x.shape)}, expected "
+                              f"{tuple(theirs)}")
             continue
         x = LAYOUTS[r.layout][1](x)
-        if tuple(x.shape) != want:
-            mismatched.append(f"{prefix + r.torch} has shape {tuple(x.shape)} (as ours), "
-                              f"expected {want}")
-            continue
         flat[r.flax] = jnp.asarray(x, flat[r.flax].dtype)
     problems = []
     if missing:

@@ -15,7 +15,7 @@ grafted into the temporal transformer exactly as in Moshi-TTT (docs/architecture
    ``depformer_in[s or 0](h) + (depformer_text_emb(text) if s == 0 else
    depformer_emb[s-1](audio codebook s-1))``; its own causal transformer (per-step attention
    and FFN weights with ``weights_per_step``, shared norms; sinusoids, RoPE or nothing for
-   positions) -> optional ``depformer_norms[s]`` -> ``linears[s]``: audio logits of codebook ``s``.
+   positions) -> ``linears[s]``: audio logits of codebook ``s``.
 4. Logits are shifted back by the delays (undelayed), so position ``t`` predicts
    ``codes[:, k, t]``; the last ``delays[k]`` positions of a stream are invalid (NaN logits,
    mask false), as are positions whose code is the zero token ``-1``.
@@ -32,11 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.moshi.config import NORM_EPS, MoshiTransformerConfig
+from ttt_jax.moshi.config import MoshiTransformerConfig
 from ttt_jax.moshi.hybrid import StreamingTransformer
 from ttt_jax.moshi.lm_config import MoshiLMConfig
-from ttt_jax.moshi.transformer import (MASK_VALUE, LayerScale, MoshiGating, MoshiRMSNorm,
-                                       make_norm, rope_absolute, window_mask)
+from ttt_jax.moshi.transformer import (MASK_VALUE, LayerScale, MoshiGating, make_norm,
+                                       rope_absolute, window_mask)
 
 ZERO_TOKEN_ID = -1  # no input: the embedding is exactly zero, and no loss at that position
 UNGENERATED_TOKEN_ID = -2  # "to be generated" in a prompt (sampling only)
@@ -230,10 +230,6 @@ class MoshiLM(nn.Module):
                               for _ in range(cfg.dep_q - 1)]
         self.depformer_text_emb = ScaledEmbed(cfg.text_card + 1, dd, std, dtype)
         self.depformer = Depformer(cfg)
-        norm = cfg.depformer.out_norm
-        if norm is not None:
-            self.depformer_norms = [MoshiRMSNorm(NORM_EPS[norm], norm == "rms_norm_f32")
-                                    for _ in range(cfg.dep_q)]
         self.linears = [nn.Dense(cfg.card, use_bias=cfg.bias_proj, dtype=dtype, kernel_init=init)
                         for _ in range(cfg.dep_q)]
 
@@ -275,10 +271,7 @@ class MoshiLM(nn.Module):
         out = self.depformer(x)
         logits = []
         for s in range(cfg.dep_q):
-            y = out[:, s]
-            if cfg.depformer.out_norm is not None:
-                y = self.depformer_norms[s](y)
-            logits.append(self.linears[s](y).astype(jnp.float32).reshape(bsz, length, -1))
+            logits.append(self.linears[s](out[:, s]).astype(jnp.float32).reshape(bsz, length, -1))
         return jnp.stack(logits, axis=1)
 
     def __call__(self, codes) -> LMOutput:

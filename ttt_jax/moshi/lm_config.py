@@ -15,8 +15,7 @@ import dataclasses
 from typing import Any, Literal, Mapping, Optional, get_args
 
 from ttt_jax.config import DType, _check_bools, _check_choice, _check_int, _check_positive, _fail
-from ttt_jax.moshi.config import (Gating, MoshiTTTConfig, MoshiTransformerConfig, NormType,
-                                  TTTArgs)
+from ttt_jax.moshi.config import Gating, MoshiTTTConfig, MoshiTransformerConfig, TTTArgs
 
 DepformerPosEmb = Literal["sin", "rope", "none"]
 
@@ -40,7 +39,6 @@ class DepformerConfig:
       max_period: period of the sinusoids / RoPE.
       layer_scale: initial LayerScale value, or ``None`` for none.
       gating: the FFN gate (``silu``).
-      out_norm: moshi's ``depformer_norm``: a norm before each output head, or ``None``.
     """
 
     d_model: int
@@ -54,7 +52,6 @@ class DepformerConfig:
     max_period: float = 10000.0
     layer_scale: Optional[float] = None
     gating: Gating = "silu"
-    out_norm: Optional[NormType] = None
 
     def __post_init__(self):
         s = "depformer"
@@ -79,8 +76,6 @@ class DepformerConfig:
         if self.layer_scale is not None:
             _check_positive(s, "layer_scale", self.layer_scale)
         _check_choice(s, "gating", self.gating, get_args(Gating))
-        if self.out_norm is not None:
-            _check_choice(s, "out_norm", self.out_norm, get_args(NormType))
         if self.pos_emb == "rope" and (self.d_model // self.num_heads) % 2:
             _fail(s, "num_heads", self.num_heads, "a value giving an even head_dim with rope")
         if self.pos_emb == "sin" and self.d_model % 2:
@@ -254,7 +249,6 @@ def moshi_lm_kwargs(cfg: MoshiLMConfig) -> dict[str, Any]:
                                                 else list(dep.weights_per_step_schedule)),
         "depformer_pos_emb": dep.pos_emb, "depformer_max_period": dep.max_period,
         "depformer_layer_scale": dep.layer_scale, "depformer_gating": dep.gating,
-        "depformer_norm": dep.out_norm,
     }
 
 
@@ -265,7 +259,8 @@ _IGNORED = {"causal", "quantize", "device", "dtype", "gradient_checkpointing", "
             "moshi_name", "mimi_name"}
 # Keyword arguments that must keep moshi's default: we do not implement another value.
 _FIXED = {"norm_emb": False, "demux_second_text_stream": False, "demux_second_stream": False,
-          "depformer_low_rank_embeddings": None, "extra_heads_num_heads": 0,
+          "depformer_low_rank_embeddings": None, "depformer_norm": None,
+          "extra_heads_num_heads": 0,
           "condition_provider": None, "fuser": None, "conditioners": None,
           "cross_attention": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
           "positional_scale": 1.0, "depformer_positional_scale": 1.0}
@@ -289,7 +284,7 @@ def from_moshi_lm_kwargs(kwargs: Mapping[str, Any], ttt: TTTArgs = TTTArgs(),
              "depformer_multi_linear", "depformer_weights_per_step",
              "depformer_weights_per_step_schedule", "depformer_pos_emb",
              "depformer_max_period", "depformer_layer_scale", "depformer_gating",
-             "depformer_norm", "extra_heads_dim"}
+             "extra_heads_dim"}
     unknown = sorted(set(kw) - known - _IGNORED - set(_FIXED))
     if unknown:
         raise ValueError(f"LMModel keyword arguments not understood by MoshiLM: {unknown}")
@@ -316,8 +311,7 @@ def from_moshi_lm_kwargs(kwargs: Mapping[str, Any], ttt: TTTArgs = TTTArgs(),
         pos_emb=kw.get("depformer_pos_emb", "sin"),
         max_period=float(kw.get("depformer_max_period", transformer.max_period)),
         layer_scale=kw.get("depformer_layer_scale", transformer.layer_scale),
-        gating=kw.get("depformer_gating", transformer.gating),
-        out_norm=kw.get("depformer_norm"))
+        gating=kw.get("depformer_gating", transformer.gating))
     return MoshiLMConfig(
         transformer=transformer, depformer=depformer, ttt=ttt,
         delays=tuple(kw.get("delays", [0])), n_q=kw.get("n_q", 8), dep_q=kw.get("dep_q", 8),

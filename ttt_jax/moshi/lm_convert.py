@@ -13,7 +13,7 @@ layout of the published ``.safetensors`` checkpoints:
   ``self_attn.out_projs.{j}.weight``, ``norm{1,2}.alpha``, ``gating.linear_{in,out}.weight``
   (one weight set) or ``gating.{j}.linear_{in,out}.weight`` (``weights_per_step``),
   ``layer_scale_{1,2}.scale``;
-- ``depformer_norms.{k}.alpha`` (with ``depformer.out_norm``), ``linears.{k}.weight [card, d']``
+- ``linears.{k}.weight [card, d']``
   (``.bias`` with ``bias_proj``).
 
 Grafted TTT layers keep the Moshi-TTT names of ``convert.py`` under ``transformer.``
@@ -95,9 +95,6 @@ def lm_rules(cfg: MoshiLMConfig) -> list[Rule]:
               for k in range(cfg.dep_q - 1)]
     rules.append(Rule(("depformer_text_emb", "embedding"), "depformer_text_emb.weight"))
     rules += depformer_rules(cfg)
-    if cfg.depformer.out_norm is not None:
-        rules += [Rule((f"depformer_norms_{k}", "alpha"), f"depformer_norms.{k}.alpha", "alpha")
-                  for k in range(cfg.dep_q)]
     for k in range(cfg.dep_q):
         rules += _dense((f"linears_{k}",), f"linears.{k}", cfg.bias_proj)
     return rules
