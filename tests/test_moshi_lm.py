@@ -301,8 +301,13 @@ def test_loss_matches_numpy():
     want = np_loss(logits[:, :1], target[:, :1], mask[:, :1],
                    lambda j, tok: 0.5 if tok in (3, 0) else 1.0)
     assert abs(float(text) - want) <= 1e-5 * max(1.0, abs(want))
-    # Gradients stay finite although the masked logits are NaN.
-    grad = jax.grad(lambda x: loss_with_mask(x, jnp.asarray(target), jnp.asarray(mask),
+    # Masked targets may be the zero token -1 (as in real codes); gradients stay finite
+    # although the masked logits are NaN.
+    zeroed = np.where(mask, target, -1)
+    again = loss_with_mask(jnp.asarray(logits), jnp.asarray(zeroed), jnp.asarray(mask),
+                           mode="audio", first_codebook_weight_multiplier=100.0)
+    assert float(again) == float(audio)
+    grad = jax.grad(lambda x: loss_with_mask(x, jnp.asarray(zeroed), jnp.asarray(mask),
                                              mode="audio"))(jnp.asarray(logits))
     assert np.all(np.isfinite(np.asarray(grad)))
     assert np.all(np.asarray(grad)[~mask] == 0)
