@@ -335,6 +335,7 @@ def test_signals_save_then_exit_130_or_143_and_a_second_sigint_stops_at_once(tmp
     assert "stopped by signal SIGINT at step " in out
     first = int(out.split("stopped by signal SIGINT at step ")[1].split(";")[0])
     assert step_dirs(run_dir) == [first] and not (run_dir / "run.lock").exists()
+    assert (run_dir / "loss.png").stat().st_size > 0  # drawn on the way out
 
     proc, lines = start_training(run_dir, *LONG)
     wait_for(lines, f"resumed from step {first}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -134,6 +135,8 @@ def test_bpe_output_is_the_tokenizers_own_encoding(prepared, docs, bpe):
     assert meta["separator"] == eos and meta["tokenizer"]["kind"] == "huggingface"
     assert meta["splits"]["train"]["documents"] == len(train)
     assert meta["splits"]["val"]["tokens"] == read(prepared, "val").size
+    for split, part in (("train", train), ("val", val)):  # UTF-8 bytes, for bits per byte
+        assert meta["splits"][split]["bytes"] == sum(len(d.encode("utf-8")) for d in part)
     assert meta["split"]["seed"] == SEED and meta["split"]["val_fraction"] == VAL_FRACTION
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     assert meta["tokenizer"]["sha256"] == sha
@@ -177,11 +180,11 @@ def test_a_failure_midway_leaves_no_output(tmp_path, files, monkeypatch, capsys)
     calls = []
     original = writer.SplitWriter.write
 
-    def failing(self, chunk, documents):
+    def failing(self, *args):
         calls.append(1)
         if len(calls) == 3:
             raise OSError("disk full (injected)")
-        return original(self, chunk, documents)
+        return original(self, *args)
 
     monkeypatch.setattr(writer.SplitWriter, "write", failing)
     with pytest.raises(OSError, match="injected"):
@@ -292,16 +295,28 @@ def small_config(run_dir, **data):
         "checkpoint": {"every": 20, "keep": 1}})
 
 
-def test_train_on_prepared_then_generate(tmp_path, prepared, bpe, capsys):
+def test_train_on_prepared_then_generate(tmp_path, prepared, bpe, docs, capsys):
     from ttt_jax.models.registration import build_datasets
     from ttt_jax.trainer import run
 
-    cfg = small_config(tmp_path / "run", prepared=str(prepared))
+    data = tmp_path / "data"  # a copy, removed below: the run keeps its own tokenizer
+    shutil.copytree(prepared, data)
+    cfg = small_config(tmp_path / "run", prepared=str(data))
     assert cfg.data.source == "prepared"
     lines = []
     out = run(cfg, print_fn=lines.append)
     assert out["end_val_loss"] < out["start_val_loss"] - 0.3, out
     assert any("'tokenizer': 'huggingface'" in line for line in lines)
+    kept = tmp_path / "run" / "tokenizer"
+    assert (kept / "tokenizer.json").read_bytes() == bpe[0].read_bytes()
+    assert json.loads((kept / "meta.json").read_text())["prepared"] == str(data.resolve())
+    # bits per byte: nats per token / ln 2 * tokens / UTF-8 bytes of the validation documents
+    val_docs = [d for d in docs if val_by_hash(d)]
+    bytes_per_token = sum(len(d.encode("utf-8")) for d in val_docs) / read(prepared, "val").size
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / np.log(2) / bytes_per_token)
 
     # the same files through source: tokens with a separate val file
     tokens = small_config(tmp_path / "run2", source="tokens", token_dtype="uint16",
@@ -309,13 +324,6 @@ def test_train_on_prepared_then_generate(tmp_path, prepared, bpe, capsys):
     train, val = build_datasets(tokens)
     np.testing.assert_array_equal(val.tokens, read(prepared, "val"))
     np.testing.assert_array_equal(train.tokens, read(prepared, "train"))
-
-    capsys.readouterr()
-    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ",
-                     "-n", "12", "--temperature", "0"]) == 0
-    text = capsys.readouterr().out.rstrip("\n")
-    assert text.startswith("def ") and len(text) > len("def ")
-    assert "Ġ" not in text and "Ċ" not in text  # decoded, not byte-level BPE pieces
 
     # The loss by position reads the run's own prepared validation split.
     out_dir = tmp_path / "eval"
@@ -325,6 +333,15 @@ def test_train_on_prepared_then_generate(tmp_path, prepared, bpe, capsys):
     assert model["data_source"] == "prepared"
     loss = model["lm"]["16"]["loss"]
     assert np.isfinite(loss) and loss < np.log(512)  # better than uniform over the tokenizer
+    assert model["lm"]["16"]["bpb"] == pytest.approx(loss / np.log(2) / bytes_per_token)
+
+    shutil.rmtree(data)  # generate decodes with the run's copy of the tokenizer
+    capsys.readouterr()
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ",
+                     "-n", "12", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    assert text.startswith("def ") and len(text) > len("def ")
+    assert "Ġ" not in text and "Ċ" not in text  # decoded, not byte-level BPE pieces
 
 
 def test_standard_preset_check_requires_prepared(tmp_path, prepared, monkeypatch, capsys):

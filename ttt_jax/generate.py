@@ -56,18 +56,20 @@ def generate_text(params, config, prompt: str, n: int, sampling, *, seed: int = 
     return [ids_to_text(row) for row in np.asarray(tokens)]
 
 
-def run_tokenizer(config, override=None):
-    """The tokenizer of a run: ``override`` (``--tokenizer``), else the one recorded by its
-    ``data.prepared`` directory, else None (bytes)."""
+def run_tokenizer(config, override=None, run_dir=None):
+    """The tokenizer of a run: ``override`` (``--tokenizer``), else the run directory's copy
+    (``RUN_DIR/tokenizer/``, written by training on ``data.prepared``), else the one recorded
+    by its ``data.prepared`` directory, else None (bytes)."""
+    from ttt_jax.data.prepared import read_meta, run_tokenizer_meta
+    from ttt_jax.prepare.tokenizers import from_meta, load_tokenizer
+
     if override is not None:
-        from ttt_jax.prepare.tokenizers import load_tokenizer
-
         return load_tokenizer(override)
-    data = getattr(config, "data", None)
-    if getattr(data, "source", None) == "prepared" and data.prepared:
-        from ttt_jax.data.prepared import read_meta
-        from ttt_jax.prepare.tokenizers import from_meta
-
+    recorded = run_tokenizer_meta(run_dir) if run_dir is not None else None
+    if recorded is not None:
+        return from_meta(*recorded)
+    data = config.data
+    if data.source == "prepared" and data.prepared:
         return from_meta(read_meta(data.prepared), data.prepared)
     return None
 
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     saved = checkpoint.load_run(args.checkpoint)
     registry.of(saved.config).require("generate", "--checkpoint")
-    tokenizer = run_tokenizer(saved.config, getattr(args, "tokenizer", None))
+    tokenizer = run_tokenizer(saved.config, getattr(args, "tokenizer", None), saved.run_dir)
     if tokenizer is None or tokenizer.kind == "bytes":
         texts = generate_text({"params": saved.params}, saved.config.model, args.prompt, args.n,
                               sampling, seed=args.seed, samples=args.samples)

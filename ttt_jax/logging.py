@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -27,9 +27,18 @@ class MetricsWriter:
             f.write(json.dumps(clean) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record; a line that is not JSON (cut short by a kill) is passed over."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
     def truncate(self, step: int, rewritten: tuple[str, ...] = ("eval",)) -> int:
         """Keeps only what a run restored at ``step`` accounts for; returns the lines dropped.
@@ -62,6 +71,60 @@ class MetricsWriter:
         return dropped
 
 
+class StepClock:
+    """Step time, tokens/s and MFU of training, without compile time or evaluation.
+
+    The first step of a process (which compiles) is timed on its own and reported once as
+    ``compile_s``; later steps are timed in intervals that start after the first step, or
+    after work that is not training (validation, a checkpoint save: ``restart``), and end at
+    ``read`` (called after the metrics were fetched, so the device has finished them).
+
+    Args:
+      tokens_per_step: tokens of one optimizer step (all devices).
+      flops_per_token: model FLOPs per trained token, or None (no ``mfu``).
+      peak_flops: one device's peak FLOP/s, or None (no ``mfu``).
+      devices: devices the step runs on.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: Optional[float] = None,
+                 peak_flops: Optional[float] = None, devices: int = 1):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token, self.peak, self.devices = flops_per_token, peak_flops, devices
+        self.start = time.perf_counter()
+        self.compile_s: Optional[float] = None
+        self.compile_reported = False
+        self.steps = 0
+
+    def stepped(self, metrics) -> None:
+        """Counts one step; after the first, waits for it and starts the timed intervals."""
+        if self.compile_s is None:
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - self.start
+            self.restart()
+        else:
+            self.steps += 1
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def read(self) -> dict[str, float]:
+        """``step_time_s``, ``tokens_per_s`` and ``mfu`` of the steps since the interval began
+        (none yet: nothing), and ``compile_s`` the first time; restarts the interval."""
+        out: dict[str, float] = {}
+        if not self.compile_reported and self.compile_s is not None:
+            out["compile_s"] = self.compile_s
+            self.compile_reported = True
+        if self.steps:
+            step_time = (time.perf_counter() - self.start) / self.steps
+            out["step_time_s"] = step_time
+            out["tokens_per_s"] = self.tokens_per_step / step_time
+            if self.flops_per_token and self.peak:
+                out["mfu"] = (out["tokens_per_s"] * self.flops_per_token
+                              / (self.peak * self.devices))
+        self.restart()
+        return out
+
+
 class Progress:
     """A single updating line: step, loss, tokens/s and ETA."""
 
@@ -77,15 +140,19 @@ class Progress:
         elapsed = max(time.perf_counter() - self.start_time, 1e-9)
         return (step - self.start_step) * self.tokens_per_step / elapsed
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: Optional[float] = None) -> None:
+        """Redraws the line; ``tokens_per_s``: the latest measured rate (else the average
+        since the start, compile time included)."""
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total - step)
+        rate = self.tokens_per_s(step) if tokens_per_s is None else tokens_per_s
+        eta = (elapsed / max(done, 1) * (self.total - step) if tokens_per_s is None
+               else (self.total - step) * self.tokens_per_step / max(tokens_per_s, 1e-9))
         width = 24
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
         self.stream.write(f"\r[{bar}] step {step}/{self.total} loss {loss:.4f} "
-                          f"{self.tokens_per_s(step):,.0f} tok/s ETA {eta:,.0f}s ")
+                          f"{rate:,.0f} tok/s ETA {eta:,.0f}s ")
         self.stream.flush()
 
     def close(self) -> None:

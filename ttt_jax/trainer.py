@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import sys
 import warnings
@@ -28,10 +27,11 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from ttt_jax import diagnostics, distributed, registry, sharding, training
+from ttt_jax import diagnostics, distributed, flops, registry, sharding, training
 from ttt_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, load_saved, merge_params, resolve
 from ttt_jax.config import RunConfig, save_config, to_dict
-from ttt_jax.logging import MetricsWriter, Progress, plot_losses
+from ttt_jax.logging import Progress, StepClock, plot_losses
+from ttt_jax.tracking import RunLog, check_trackers
 from ttt_jax.run_dir import (RunLock, StopSignals, check_directory, check_free_space,
                              check_ownership, move_aside)
 from ttt_jax.tree import flatten
@@ -107,6 +107,7 @@ def preflight(cfg, arch=None) -> None:
     arch = registry.of(cfg) if arch is None else arch
     arch.check(cfg)
     check_trainable(cfg, arch)
+    check_trackers(cfg.train.trackers)
     if cfg.checkpoint.init_from:
         resolve(cfg.checkpoint.init_from)
     run_dir = Path(cfg.train.run_dir)
@@ -124,7 +125,7 @@ def preflight(cfg, arch=None) -> None:
 class _FiniteGuard:
     """Checks the loss and gradient norm of the steps since the last check, in one transfer."""
 
-    def __init__(self, limit: int, metrics: MetricsWriter, ckpt: Checkpointer):
+    def __init__(self, limit: int, metrics: RunLog, ckpt: Checkpointer):
         self.limit, self.metrics, self.ckpt = limit, metrics, ckpt
         self.pending: list[tuple[int, dict]] = []
         self.skipped = 0
@@ -204,7 +205,6 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
         state = layout.init_state(init, key)
         train_step = layout.jit_train_step(step_fn, state)
         eval_step = layout.jit_eval_step(training.make_eval_step(model), state.params)
-        val_ds = layout.eval_view(val_ds)
     state_finite = jax.jit(lambda s: training.all_finite((s.params, s.opt_state)))
     stop.check()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -238,46 +238,72 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
     first = int(state.step)
     if primary:
         save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl" if primary else os.devnull)
+    metrics = RunLog(run_dir, t.trackers, config=to_dict(cfg), enabled=primary,
+                     resume_step=first if restored is not None else None)
+    stack.callback(metrics.close)
+    # A resumed run validates again at its first step; the trackers other than metrics.jsonl
+    # keep what the earlier process logged there (no step is logged twice).
+    logged_start_eval = restored is not None and any(
+        r.get("kind") == "eval" and r.get("step") == first for r in metrics.read())
     if primary:
-        dropped = metrics.truncate(first)
+        dropped = metrics.metrics.truncate(first)
         if dropped:
             print_fn(f"metrics.jsonl: dropped {dropped} line(s) written after step {first}, "
                      f"the step this run continues from")
+        train_ds.record_in_run(run_dir)
     guard = _FiniteGuard(t.skip_nonfinite_steps, metrics, ckpt)
     saved_step = first if restored is not None else None
 
-    def save(state, force: bool = False) -> None:
+    def save(state, force: bool = False) -> bool:
         nonlocal saved_step
         step = int(state.step)
         if step == saved_step or not (force or ckpt.due(step)):
-            return
+            return False
         guard.check()
         if not bool(state_finite(state)):
             raise guard.error(step, "the params or optimizer state hold a non-finite value")
         ckpt.save(state, cfg, force=True)
         saved_step = step
+        return True
 
+    bytes_per_token = val_ds.bytes_per_token  # before a sharded view wraps it
+    if layout is not None:
+        val_ds = layout.eval_view(val_ds)
     start_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
-    metrics.write({"kind": "eval", "step": first, "val_loss": start_loss})
+    metrics.write(_eval_record(first, start_loss, bytes_per_token),
+                  trackers=not logged_start_eval)
     print_fn(f"start validation loss {start_loss:.4f}")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = Progress(t.steps, tokens_per_step, start_step=first)
     stack.callback(progress.close)
+    clock = StepClock(tokens_per_step, _flops_per_token(cfg, arch, model, state.params, print_fn),
+                      flops.peak_flops(t.peak_tflops), jax.device_count())
     val_loss = start_loss
     diagnose = (diagnostics.jitted_mean_inner_losses(model) if t.diagnostics_every else None)
+
+    def plot() -> None:
+        if primary:
+            metrics.flush()
+            plot_losses(metrics.read(), run_dir / "loss.png")
+
     stop.training()
     for step in range(first, t.steps):
         tokens, mask = (_micro_batches(train_ds, step, t.grad_accum) if layout is None
                         else layout.train_batch(train_ds, step, t.grad_accum))
         state, m = train_step(state, tokens, mask)
         done = step + 1
+        clock.stepped(m)
         guard.add(done, m)
         if done % t.log_every == 0 or done == t.steps or stop.signal is not None:
             guard.check()
-        save(state)
-        val_loss = _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds,
-                                 val_loss, diagnose)
+        busy = save(state)
+        val_loss, evaluated = _log_and_eval(cfg, done, m, state, metrics, progress, clock,
+                                            eval_step, val_ds, val_loss, diagnose,
+                                            bytes_per_token)
+        if evaluated:
+            plot()
+        if busy or evaluated:
+            clock.restart()  # the next steps are timed from here, without that work
         if stop.signal is not None:
             progress.close()
             print_fn(f"{stop.name}: stopping after step {done}, saving a checkpoint (send it "
@@ -288,14 +314,13 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
     progress.close()
     end = {"start_val_loss": start_loss, "end_val_loss": val_loss, "run_dir": str(run_dir),
            "state": state, "stopped": stop.signal is not None, "signal": stop.signal}
+    plot()
     if stop.signal is not None:
         print_fn(f"stopped by signal {stop.name} at step {int(state.step)}; checkpoint saved "
                  f"({ckpt.directory / str(int(state.step))})")
         return end
     print_fn(f"end validation loss {val_loss:.4f} (start {start_loss:.4f}, "
              f"ratio {val_loss / start_loss:.3f})")
-    if primary:
-        plot_losses(metrics.read(), run_dir / "loss.png")
     return end
 
 
@@ -303,20 +328,50 @@ def _place(state, layout):
     return layout.place_state(state) if layout is not None else state
 
 
-def _log_and_eval(cfg, done, m, state, metrics, progress, eval_step, val_ds, val_loss, diagnose):
-    """Writes the step's metrics and runs validation when due; returns the latest val loss."""
+def _eval_record(step: int, val_loss: float, bytes_per_token) -> dict:
+    record = {"kind": "eval", "step": step, "val_loss": val_loss}
+    if bytes_per_token:
+        record["val_bpb"] = val_loss / math.log(2.0) / bytes_per_token
+    return record
+
+
+def _learning_rate(cfg, done: int) -> float:
+    """The base learning rate of the update that made step ``done`` (optax counts updates
+    from 0, so it is the schedule at ``done - 1``)."""
+    return float(training.learning_rate_schedule(cfg.optim, cfg.train.steps)(done - 1))
+
+
+def _flops_per_token(cfg, arch, model, params, print_fn) -> Optional[float]:
+    """Model FLOPs per trained token (``ttt_jax.flops``), counted when MFU can be logged."""
+    if flops.peak_flops(cfg.train.peak_tflops) is None:
+        return None
+    tokens = arch.sample_input(cfg.model, 1, cfg.data.seq_len)
+    per_token = flops.train_flops_per_token(
+        lambda p, x: model.apply({"params": p}, x), params, tokens)
+    print_fn(f"model FLOPs per trained token: {per_token:.4g} (3 forwards)")
+    return per_token
+
+
+def _log_and_eval(cfg, done, m, state, metrics, progress, clock, eval_step, val_ds, val_loss,
+                  diagnose, bytes_per_token):
+    """Writes the step's metrics and runs validation when due; returns the latest val loss and
+    whether it validated (or ran diagnostics)."""
     t = cfg.train
+    evaluated = False
     if done % t.log_every == 0 or done == t.steps:
         loss = float(m["loss"])
         finite = math.isfinite(loss)  # not finite: a skipped step (train.skip_nonfinite_steps)
+        timing = clock.read()
         metrics.write({"kind": "train", "step": done, "loss": loss if finite else None,
                        "grad_norm": float(m["grad_norm"]) if finite else None,
-                       "tokens_per_s": progress.tokens_per_s(done)})
-        progress.update(done, loss)
+                       "lr": _learning_rate(cfg, done), **timing})
+        progress.update(done, loss, timing.get("tokens_per_s"))
     if done % t.eval_every == 0 or done == t.steps:
         val_loss = evaluate(eval_step, state.params, val_ds, t.eval_batches)
-        metrics.write({"kind": "eval", "step": done, "val_loss": val_loss})
+        metrics.write(_eval_record(done, val_loss, bytes_per_token))
+        evaluated = True
     if diagnose is not None and done % t.diagnostics_every == 0:
         layers = diagnose(state.params, val_ds.batch(0)[:, :-1])
         metrics.write({"kind": "ttt_diagnostics", "step": done, "layers": layers})
-    return val_loss
+        evaluated = True
+    return val_loss, evaluated

@@ -92,12 +92,14 @@ def resolve(path: str | Path) -> tuple[Path, Optional[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class SavedRun:
-    """A training checkpoint read for inference: its run config, params and step."""
+    """A training checkpoint read for inference: its run config, params and step, and the run
+    directory it belongs to (``None`` when its checkpoints lie outside one)."""
 
     config: Any
     params: Any
     step: int
     meta: dict
+    run_dir: Optional[Path] = None
 
     @property
     def architecture(self):
@@ -122,7 +124,8 @@ def load_run(path: str | Path, *, log: Optional[Callable[[str], None]] = None) -
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a config this code cannot read: "
                               f"{e}") from None
-    return SavedRun(cfg, state["params"], int(meta.get("step", -1)), meta)
+    run_dir = directory.parent if directory.name == CHECKPOINT_DIR else None
+    return SavedRun(cfg, state["params"], int(meta.get("step", -1)), meta, run_dir)
 
 
 def _warn(message: str) -> None:

@@ -143,6 +143,12 @@ class TrainConfig:
         (the step's batch is consumed, params and optimizer state stay as they were, and a
         ``skipped_step`` metrics line is written); one more stops the run. 0 (the default):
         the first one stops the run (exit status 3), keeping the last good checkpoint.
+      trackers: where metrics go: ``jsonl`` (``metrics.jsonl``, always on), ``tensorboard``
+        (event files under ``RUN_DIR/tensorboard``, via tensorboardX) and ``wandb`` (Weights &
+        Biases when installed; ``WANDB_MODE=offline`` needs no network).
+      peak_tflops: the peak TFLOP/s of one device, for the model-FLOPs utilisation (``mfu``)
+        logged with each train line; unset: the dense bf16 peak of a known accelerator
+        (``ttt_jax.flops.PEAK_TFLOPS``), and no ``mfu`` on CPUs and unknown devices.
     """
 
     steps: int = 200
@@ -154,10 +160,22 @@ class TrainConfig:
     run_dir: str = "runs/default"
     diagnostics_every: int = 0
     skip_nonfinite_steps: int = 0
+    trackers: tuple[str, ...] = ("jsonl", "tensorboard")
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self):
         _check_positive_ints("train", self, ("steps", "grad_accum", "eval_every", "eval_batches",
                                              "log_every"))
+        known = ("jsonl", "tensorboard", "wandb")
+        trackers = tuple(self.trackers) if isinstance(self.trackers, (list, tuple)) else None
+        if (trackers is None or "jsonl" not in trackers
+                or any(t not in known for t in trackers) or len(set(trackers)) < len(trackers)):
+            _fail("train", "trackers", self.trackers,
+                  f"a list of distinct names from {', '.join(known)} that contains jsonl "
+                  f"(metrics.jsonl is what resume, loss.png and the commands read)")
+        object.__setattr__(self, "trackers", trackers)
+        if self.peak_tflops is not None:
+            _check_positive("train", "peak_tflops", self.peak_tflops)
         _check_positive_ints("train", self, ("seed", "diagnostics_every", "skip_nonfinite_steps"),
                              minimum=0)
         if not isinstance(self.run_dir, str) or not self.run_dir:

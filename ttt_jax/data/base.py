@@ -8,7 +8,7 @@ resumed run asks for step ``k`` and gets exactly the batch a straight run got (d
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -82,6 +82,8 @@ class Dataset(abc.ABC):
     """
 
     source: str = ""
+    # UTF-8 bytes per token of the text behind the ids (for bits per byte); None: unknown.
+    bytes_per_token: Optional[float] = None
 
     def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int,
                  split: str):
@@ -100,6 +102,10 @@ class Dataset(abc.ABC):
         """Weights of the targets ``batch(step)[:, 1:]``: None (all count) or float32 ``[B, L]``."""
         check_step(step)
         return None
+
+    def record_in_run(self, run_dir) -> None:
+        """Keeps in ``run_dir`` what a run must know of its data later (a prepared corpus's
+        tokenizer); nothing by default."""
 
     def describe(self) -> dict[str, Any]:
         """A short JSON-serialisable summary for logs."""
@@ -121,7 +127,7 @@ class WindowDataset(Dataset):
 
     def __init__(self, tokens: np.ndarray, *, source: str, name: str, vocab_size: int,
                  seq_len: int, batch_size: int, seed: int, split: str,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, bytes_per_token: Optional[float] = None):
         """Builds the loader.
 
         Args:
@@ -131,6 +137,7 @@ class WindowDataset(Dataset):
           vocab_size: the data's vocab size.
           seq_len, batch_size, seed, split: as in :func:`ttt_jax.data.make_dataset`.
           info: extra entries for :meth:`describe`.
+          bytes_per_token: UTF-8 bytes per token of the text behind the ids, if known.
         """
         super().__init__(vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size,
                          seed=seed, split=split)
@@ -143,6 +150,7 @@ class WindowDataset(Dataset):
                              f"{window}; lower seq_len or use more data")
         self.num_windows = tokens.shape[0] // window
         self._info = dict(info or {})
+        self.bytes_per_token = bytes_per_token
         self._perms: dict[int, np.ndarray] = {}
 
     @property

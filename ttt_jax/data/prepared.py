@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,8 @@ SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 FORMAT = "ttt-jax-prepared"
 # A model vocabulary this many times the tokenizer's is reported (wasted embedding rows).
 VOCAB_WARN_RATIO = 2
+# A run's copy of its tokenizer and the prepare meta (RUN_DIR/tokenizer/).
+RUN_TOKENIZER_DIR = "tokenizer"
 PREPARE_HINT = ("make one with `ttt-jax prepare TEXT_FILES... --tokenizer TOKENIZER --out DIR` "
                 "and pass --set data.prepared=DIR")
 
@@ -88,3 +91,40 @@ def tokenizer_info(meta: dict[str, Any], directory: str) -> dict[str, Any]:
     t = meta["tokenizer"]
     return {"prepared": directory, "tokenizer": t["kind"], "tokenizer_sha256": t["sha256"][:16],
             "tokenizer_vocab": t["vocab_size"], "dtype": meta["dtype"]}
+
+
+def bytes_per_token(meta: dict[str, Any], split: str) -> Optional[float]:
+    """UTF-8 bytes of a split's documents over its tokens (separators included), for bits per
+    byte; None for an output that did not record its bytes."""
+    info = meta["splits"][split]
+    if not info.get("bytes") or not info.get("tokens"):
+        return None
+    return float(info["bytes"]) / float(info["tokens"])
+
+
+def record_in_run(directory: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Copies the prepare output's ``meta.json`` and tokenizer file to ``RUN_DIR/tokenizer/``
+    (``generate`` and ``eval`` read them from there even after the data has moved); returns
+    that directory. Written through a temporary directory and a rename."""
+    meta = read_meta(directory)
+    out = Path(run_dir) / RUN_TOKENIZER_DIR
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    name = meta["tokenizer"].get("file")
+    if name:
+        shutil.copy2(Path(directory) / name, tmp / name)
+    (tmp / META_NAME).write_text(json.dumps({**meta, "prepared": str(Path(directory).resolve())},
+                                            indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def run_tokenizer_meta(run_dir: str | os.PathLike) -> Optional[tuple[dict[str, Any], Path]]:
+    """``(meta, directory)`` of a run's tokenizer copy, or None when the run has none."""
+    d = Path(run_dir) / RUN_TOKENIZER_DIR
+    if not (d / META_NAME).is_file():
+        return None
+    return read_meta(d), d

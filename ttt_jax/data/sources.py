@@ -25,8 +25,8 @@ import numpy as np
 
 from ttt_jax.data.base import (Dataset, WindowDataset, check_common, check_ids_in_vocab,
                                check_positive_int, max_token_id)
-from ttt_jax.data.prepared import PREPARE_HINT, check_model_vocab, load_split, read_meta, \
-    tokenizer_info
+from ttt_jax.data.prepared import (PREPARE_HINT, check_model_vocab, load_split, read_meta,
+                                   bytes_per_token, record_in_run, tokenizer_info)
 from ttt_jax.data.recall import RecallDataset
 
 BYTE_VOCAB_SIZE = 256
@@ -227,7 +227,7 @@ def _make_bytes(common: dict[str, Any], path, vocab_size, *, max_bytes=DEFAULT_M
     info = {"root": corpus.root, "num_files": len(files), "sha256": _fingerprint(tokens),
             "python": platform.python_version()}
     return WindowDataset(tokens, source="bytes", name=f"bytes corpus {corpus.root!r}",
-                         vocab_size=BYTE_VOCAB_SIZE, info=info, **common)
+                         vocab_size=BYTE_VOCAB_SIZE, info=info, bytes_per_token=1.0, **common)
 
 
 def _make_recall(common: dict[str, Any], path, vocab_size, *,
@@ -278,8 +278,20 @@ def _make_prepared(common: dict[str, Any], path, vocab_size, **_) -> Dataset:
                          f"text or a larger --val-fraction, or lower data.seq_len")
     info = {**tokenizer_info(meta, directory), "documents":
             int(meta["splits"][common["split"]]["documents"])}
-    return WindowDataset(tokens, source="prepared", name=name,
-                         vocab_size=int(meta["tokenizer"]["vocab_size"]), info=info, **common)
+    return PreparedDataset(tokens, directory=directory, source="prepared", name=name,
+                           vocab_size=int(meta["tokenizer"]["vocab_size"]), info=info,
+                           bytes_per_token=bytes_per_token(meta, common["split"]), **common)
+
+
+class PreparedDataset(WindowDataset):
+    """Windows of a prepare output's split; a run keeps a copy of its tokenizer."""
+
+    def __init__(self, tokens, *, directory: str, **kw):
+        super().__init__(tokens, **kw)
+        self.directory = directory
+
+    def record_in_run(self, run_dir) -> None:
+        record_in_run(self.directory, run_dir)
 
 
 # source name -> builder(common kwargs, path, vocab_size, **options).

@@ -80,9 +80,18 @@ class HeldOut:
             self._read = True
 
     @property
-    def bits_per_byte(self) -> bool:
-        """Whether the loss is per byte (the data is the byte corpus)."""
-        return self.cfg.data.source == "bytes"
+    def bytes_per_token(self) -> Optional[float]:
+        """UTF-8 bytes per token of the held-out text, for bits per byte: 1 for the byte
+        corpus, the validation split's bytes over its tokens for a prepared corpus that
+        recorded them, else None (no bits per byte)."""
+        d = self.cfg.data
+        if d.source == "bytes":
+            return 1.0
+        if d.source == "prepared" and d.prepared:
+            from ttt_jax.data.prepared import bytes_per_token, read_meta
+
+            return bytes_per_token(read_meta(d.prepared), "val")
+        return None
 
     def sequences(self, length: int, count: int) -> np.ndarray:
         """``count`` held-out sequences of ``length`` inputs and their next tokens:

@@ -5,7 +5,8 @@ A checkpoint is read with :func:`ttt_jax.checkpoint.load_run` (``RUN_DIR``,
 follows from its architecture (:func:`ttt_jax.registry.of`), never from probing its config:
 
 * loss by position and length: every architecture, on its own held-out data
-  (:mod:`ttt_jax.evals.data`); in bits per byte too when the data is the byte corpus;
+  (:mod:`ttt_jax.evals.data`); in bits per byte too when the data is the byte corpus or a
+  prepared corpus (which records the bytes of its splits);
 * recall at distance: token LMs only (``data.source: recall``, or ``recall=True``);
 * TTT inner-loss diagnostics: architectures with the ``diagnostics`` feature that have TTT
   layers (others are skipped with a note).
@@ -123,7 +124,7 @@ def evaluate_checkpoint(path: str | Path, options: EvalOptions,
     if not recall_trained:
         sequences = heldout.sequences(options.longest, options.num_sequences)
         result["lm"] = evaluate_lm(scorer, sequences, options.lengths, options.batch,
-                                   heldout.bits_per_byte, log)
+                                   heldout.bytes_per_token, log)
     if recall_trained or options.recall:
         distances = options.recall_distances or default_recall_distances(cfg.data.seq_len)
         vocab = cfg.data.recall_vocab if recall_trained else min(64, cfg.model.vocab_size)

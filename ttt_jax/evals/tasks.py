@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -27,14 +27,17 @@ def position_buckets(length: int, first: int = FIRST_BUCKET) -> list[tuple[int, 
 
 
 def evaluate_lm(scorer: Scorer, sequences: np.ndarray, lengths: tuple[int, ...], batch: int,
-                bits_per_byte: bool, log: Callable = print) -> dict[str, Any]:
-    """Loss per length and per position bucket.
+                bytes_per_token: Optional[float], log: Callable = print) -> dict[str, Any]:
+    """Loss per length and per position bucket, and bits per byte when ``bytes_per_token`` is
+    known (``bpb = loss / ln 2 / bytes_per_token``: 1 byte per token for the byte corpus, the
+    split's UTF-8 bytes over its tokens for a prepared corpus).
 
     ``sequences`` are the held-out sequences of the longest length (``[N, L + 1]`` or
     ``[N, L + 1, K]``); each length scores their prefixes, so every length reads the same
     offsets. The loss of a position is averaged over the sequences (and over the streams of a
     Moshi-TTT frame).
     """
+    bpb = (lambda x: x / LN2 / bytes_per_token) if bytes_per_token else None
     out = {}
     for length in lengths:
         t0 = time.perf_counter()
@@ -44,13 +47,13 @@ def evaluate_lm(scorer: Scorer, sequences: np.ndarray, lengths: tuple[int, ...],
         for s, e in position_buckets(length):
             b = float(per_pos[s:e].mean())
             buckets.append({"start": s, "end": e, "loss": b,
-                            **({"bpb": b / LN2} if bits_per_byte else {})})
+                            **({"bpb": bpb(b)} if bpb else {})})
         mean = float(loss.mean())
         out[str(length)] = {"length": length, "num_sequences": int(loss.shape[0]), "loss": mean,
-                            **({"bpb": mean / LN2} if bits_per_byte else {}),
+                            **({"bpb": bpb(mean)} if bpb else {}),
                             "buckets": buckets, "seconds": time.perf_counter() - t0}
-        log(f"  length {length:>7}: loss {mean:.4f}" + (f" ({mean / LN2:.3f} bits/byte)"
-                                                       if bits_per_byte else ""))
+        log(f"  length {length:>7}: loss {mean:.4f}" + (f" ({bpb(mean):.3f} bits/byte)"
+                                                       if bpb else ""))
     return out
 
 

@@ -65,17 +65,22 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str], seed: int, val_fraction
     """One batch -> ``{split: (ids, documents)}``; each document's ids are preceded by the
     separator. Documents without tokens are skipped (counted in ``"skipped"``)."""
     parts: dict[str, list[list[int]]] = {"train": [], "val": []}
-    skipped = 0
+    nbytes = {"train": 0, "val": 0}
+    skipped = total = 0
     for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+        size = len(text.encode("utf-8"))
+        total += size
         if not ids:
             skipped += 1
             continue
-        parts["val" if is_val(text, seed, val_fraction) else "train"].append([separator, *ids])
+        split = "val" if is_val(text, seed, val_fraction) else "train"
+        parts[split].append([separator, *ids])
+        nbytes[split] += size
     out = {}
     for split, docs in parts.items():
         flat = np.fromiter((i for doc in docs for i in doc), dtype=np.int64)
-        out[split] = (flat.astype(dtype), len(docs))
-    return out, skipped, sum(len(t.encode("utf-8")) for t in texts)
+        out[split] = (flat.astype(dtype), len(docs), nbytes[split])
+    return out, skipped, total
 
 
 _WORKER: dict = {}
@@ -111,9 +116,9 @@ def _bounded(source: Iterator[list[str]], slots: threading.Semaphore):
 
 
 def _context():
-    # fork starts at once and needs no re-import; nothing in prepare starts a JAX backend.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # spawn: the parent may hold threads (JAX's, when imported), which fork must not copy; a
+    # worker imports only this module and the tokenizer (a fraction of a second).
+    return multiprocessing.get_context("spawn")
 
 
 def prepare(opts: PrepareOptions, stream=None) -> dict:
@@ -153,8 +158,8 @@ def prepare(opts: PrepareOptions, stream=None) -> dict:
             for parts, skip, nbytes in results:
                 if slots is not None:
                     slots.release()
-                for split, (ids, docs) in parts.items():
-                    staged.splits[split].write(ids, docs)
+                for split, (ids, docs, size) in parts.items():
+                    staged.splits[split].write(ids, docs, size)
                 skipped += skip
                 text_bytes += nbytes
                 progress.update(inputs.done_bytes, staged.splits["train"].documents
@@ -165,8 +170,8 @@ def prepare(opts: PrepareOptions, stream=None) -> dict:
                 pool.terminate()
                 pool.join()
         progress.close()
-        counts = {s: (w.tokens, w.documents) for s, w in staged.splits.items()}
-        if sum(t for t, _ in counts.values()) == 0:
+        counts = {s: (w.tokens, w.documents, w.bytes) for s, w in staged.splits.items()}
+        if sum(c[0] for c in counts.values()) == 0:
             raise ValueError(f"the inputs {', '.join(repr(s) for s in opts.inputs)} hold no "
                              f"document with text: nothing to write (is --field right?)")
         meta = {
@@ -174,8 +179,8 @@ def prepare(opts: PrepareOptions, stream=None) -> dict:
             "tokenizer": {**tokenizer.describe(), "sha256": tokenizer.sha256,
                           "file": tokenizer.copy_to(staged.tmp)},
             "vocab_size": tokenizer.vocab_size, "separator": separator, "dtype": dtype,
-            "splits": {s: {"file": SPLIT_FILES[s], "tokens": t, "documents": d}
-                       for s, (t, d) in counts.items()},
+            "splits": {s: {"file": SPLIT_FILES[s], "tokens": t, "documents": d, "bytes": b}
+                       for s, (t, d, b) in counts.items()},
             "documents_skipped": skipped, "text_bytes": text_bytes,
             "inputs": [str(p.resolve()) for p in inputs.paths], "field": opts.field,
             "text_unit": opts.text_unit,

@@ -50,12 +50,15 @@ class SplitWriter:
         self.file = open(path, "wb")
         self.tokens = 0
         self.documents = 0
+        self.bytes = 0
 
-    def write(self, chunk: np.ndarray, documents: int) -> None:
+    def write(self, chunk: np.ndarray, documents: int, nbytes: int = 0) -> None:
         """``chunk``: the ids of ``documents`` documents, each *preceded* by the separator;
-        the split's very first separator is dropped, so separators lie only between documents."""
+        the split's very first separator is dropped, so separators lie only between documents.
+        ``nbytes``: the UTF-8 bytes of those documents (for bits per byte)."""
         if documents == 0:
             return
+        self.bytes += int(nbytes)
         if self.documents == 0:
             chunk = chunk[1:]
         chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
