@@ -6,10 +6,11 @@ and every command look the architecture up here (``of(cfg)``, by the run config'
 ``architecture`` field) and never inspect a config to guess what it is.
 
 Built-in entries: ``ttt_lm`` (the TTT-LM), ``attention_lm`` (the same causal LM with
-sliding-window attention, a baseline) and ``moshi_ttt`` (Moshi's transformer with TTT layers
-grafted in). A new architecture is one package that calls ``register`` when imported; a
-built-in one also names that module in ``_BUILTIN``, so that ``get`` finds it by name before
-anything imported it (docs/architecture.md §7, §10).
+sliding-window attention, a baseline), ``moshi_ttt`` (Moshi's transformer with TTT layers
+grafted in) and ``moshi_lm`` (Moshi's whole multi-stream model, same graft). A new
+architecture is one package that calls ``register`` when imported; a built-in one also
+names that module in ``_BUILTIN``, so that ``get`` finds it by name before anything imported
+it (docs/architecture.md §7, §10).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ _REGISTRY: dict[str, Architecture] = {}
 # Built-in architectures, registered when their module is first imported.
 _BUILTIN = {"ttt_lm": "ttt_jax.models.registration",
             "attention_lm": "ttt_jax.models.registration",
-            "moshi_ttt": "ttt_jax.moshi.registration"}
+            "moshi_ttt": "ttt_jax.moshi.registration",
+            "moshi_lm": "ttt_jax.moshi.registration"}
 
 
 def register(arch: Architecture) -> Architecture:

@@ -127,7 +127,20 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+class OwnObjective:
+    """Mixin of a Linen model that is trained on its own objective rather than next-token
+    cross-entropy: its ``loss_sums(tokens, mask) -> (loss_sum, count)`` receives the
+    dataset's whole micro-batch, and the train step sums both over micro-batches and divides
+    once, as for cross-entropy (e.g. ``count = 1`` per micro-batch averages per-micro-batch
+    losses)."""
+
+    def loss_sums(self, tokens, mask):
+        raise NotImplementedError
+
+
 def _loss_sums(model: nn.Module, params, tokens, mask):
+    if isinstance(model, OwnObjective):
+        return model.apply({"params": params}, tokens, mask, method="loss_sums")
     logits = model.apply({"params": params}, tokens[:, :-1])
     return cross_entropy(logits, tokens[:, 1:], mask)
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping, Optional, get_args
 
-from ttt_jax.config import DType, _check_bools, _check_choice, _check_int, _check_positive, _fail
-from ttt_jax.moshi.config import Gating, MoshiTTTConfig, MoshiTransformerConfig, TTTArgs
+from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, TrainConfig,
+                            _check_bools, _check_choice, _check_int, _check_positive, _fail)
+from ttt_jax.config.run import check_run_sections
+from ttt_jax.moshi.config import (Gating, MoshiDataConfig, MoshiTTTConfig,
+                                  MoshiTransformerConfig, TTTArgs)
+
+ARCHITECTURE = "moshi_lm"
 
 DepformerPosEmb = Literal["sin", "rope", "none"]
 
@@ -103,6 +108,10 @@ class MoshiLMConfig:
       bias_proj: biases in ``text_linear`` and ``linears``.
       init_std: std of the normal initialiser.
       dtype: compute dtype (params stay float32).
+      text_padding_weight: the fine-tuning loss's weight of text targets that are padding
+        (``lm_loss.py``); not an ``LMModel`` argument.
+      first_codebook_weight_multiplier: the fine-tuning loss's weight of the first audio
+        codebook; not an ``LMModel`` argument.
     """
 
     transformer: MoshiTransformerConfig
@@ -119,6 +128,8 @@ class MoshiLMConfig:
     bias_proj: bool = False
     init_std: float = 0.02
     dtype: DType = "float32"
+    text_padding_weight: float = 0.5
+    first_codebook_weight_multiplier: float = 1.0
 
     def __post_init__(self):
         s = "model"
@@ -142,6 +153,10 @@ class MoshiLMConfig:
         _check_bools(s, self, ("bias_proj",))
         _check_positive(s, "init_std", self.init_std)
         _check_choice(s, "dtype", self.dtype, get_args(DType))
+        for name in ("text_padding_weight", "first_codebook_weight_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                _fail(s, name, value, "a number >= 0")
         dep = self.depformer
         sched = dep.weights_per_step_schedule
         if sched is not None and len(sched) != self.dep_q:
@@ -320,3 +335,29 @@ def from_moshi_lm_kwargs(kwargs: Mapping[str, Any], ttt: TTTArgs = TTTArgs(),
         existing_text_padding_id=kw.get("existing_text_padding_id", 3),
         existing_text_end_padding_id=kw.get("existing_text_end_padding_id", 0),
         bias_proj=kw.get("bias_proj", False), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoshiLMRunConfig:
+    """A MoshiLM run YAML (``architecture: moshi_lm``).
+
+    Attributes:
+      architecture: always ``moshi_lm``.
+      model: the model (and the weights of its fine-tuning loss).
+      optim, train, checkpoint: as in every run.
+      data: frames of ``n_q + 1`` streams (text first), as Moshi-TTT's data
+        (``MoshiDataConfig``); a batch ``[B, seq_len + 1, K]`` is used whole as the codes.
+      mesh: present so that every run config has the same sections; refused for ``moshi_lm``.
+    """
+
+    model: MoshiLMConfig
+    architecture: Literal["moshi_lm"] = ARCHITECTURE
+    optim: OptimConfig = OptimConfig()
+    data: MoshiDataConfig = MoshiDataConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: Optional[MeshConfig] = None
+
+    def __post_init__(self):
+        _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))
+        check_run_sections(self)

@@ -7,6 +7,11 @@ learning-rate multipliers ``ttt.weight_lr_multiplier`` / ``ttt.alpha_lr_multipli
 ``checkpoint.init_from``: convert its weights into a run directory first with
 ``ttt-jax import --in moshi.safetensors --config CONFIG --out RUN_DIR``; ``ttt-jax export``
 writes a run back to PyTorch names (``ttt_jax.moshi.export``).
+
+``moshi_lm`` is Moshi's whole ``LMModel`` (``ttt_jax.moshi.lm``) with the same graft and the
+same param groups, trained on the Moshi fine-tuning loss (``lm_loss.py``): the dataset's frames
+``[B, T, K]`` are the codes, and each micro-batch's loss is ``text + audio`` (averaged over
+micro-batches). Its export writes ``LMModel`` state-dict files (``lm_convert.save_lm``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import jax.numpy as jnp
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
 from ttt_jax.moshi.data import make_frames_dataset
 from ttt_jax.moshi.hybrid import MoshiTTTLM
+from ttt_jax.moshi.lm import MoshiLM
+from ttt_jax.moshi.lm_config import MoshiLMConfig, MoshiLMRunConfig
+from ttt_jax.moshi.lm_loss import moshi_lm_loss
 from ttt_jax.registry import Architecture, register
+from ttt_jax.training import OwnObjective
 
 GROUPS = ("backbone", "ttt", "alpha")
 
@@ -71,3 +80,56 @@ MOSHI_TTT = register(Architecture(
     export=export_torch,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's streaming transformer with TTT layers grafted in"))
+
+
+class MoshiLMObjective(MoshiLM, OwnObjective):
+    """``MoshiLM`` (same params) trained on the Moshi fine-tuning loss of ``lm_loss.py``."""
+
+    def loss_sums(self, tokens, mask):
+        """``(text + audio loss, 1)`` of frames ``tokens [B, T, K]`` (``mask`` is unused)."""
+        del mask
+        cfg = self.config
+        codes = jnp.swapaxes(tokens, 1, 2)  # [B, K, T], text first
+        loss, _ = moshi_lm_loss(cfg, self(codes), codes,
+                                text_padding_weight=cfg.text_padding_weight,
+                                first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier)
+        return loss, jnp.ones((), jnp.float32)
+
+
+def sample_codes(cfg: MoshiLMConfig, batch: int, length: int):
+    """Zero codes of the model's input shape ``[B, K, T]``."""
+    return jnp.zeros((batch, cfg.num_codebooks, length), jnp.int32)
+
+
+def lm_vocab_sizes(cfg: MoshiLMConfig) -> tuple[int, ...]:
+    """The token range of every stream in the data (text first)."""
+    return (min(cfg.text_card, cfg.text_vocab_out),) + (cfg.card,) * cfg.n_q
+
+
+def build_lm_datasets(cfg: MoshiLMRunConfig):
+    """Train and validation frame datasets of ``n_q + 1`` streams."""
+    common = dict(vocab_sizes=lm_vocab_sizes(cfg.model), seed=cfg.train.seed)
+    return (make_frames_dataset(cfg.data, split="train", **common),
+            make_frames_dataset(cfg.data, split="val", **common))
+
+
+def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
+              allow_inexact=False, key="the model") -> str:
+    """``LMModel`` keys in ``model.safetensors``, the TTT layers in ``ttt.safetensors``."""
+    from ttt_jax.moshi.lm_convert import CONFIG_NAME, MODEL_NAME, TTT_NAME, save_lm
+
+    del allow_inexact, key  # the export is exact
+    if dtype not in (None, "float32"):
+        raise ValueError(f"--dtype {dtype} is invalid: a moshi_lm export is float32")
+    save_lm(cfg.model, params, out, force=force)
+    ttt = f", {out / TTT_NAME}" if cfg.model.temporal.ttt_layers else ""
+    return f"wrote {out / MODEL_NAME}{ttt} and {out / CONFIG_NAME}"
+
+
+MOSHI_LM = register(Architecture(
+    name="moshi_lm", run_config=MoshiLMRunConfig, build_model=MoshiLMObjective,
+    sample_input=sample_codes, build_datasets=build_lm_datasets,
+    features=frozenset({"export"}), export=export_lm,
+    param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
+    description="Moshi's whole LMModel (text + audio streams, depformer) with TTT layers "
+                "grafted into its temporal transformer"))
