@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -87,6 +88,59 @@ def test_moshi_ttt_block_file_loads_unchanged(tmp_path):
     path.write_text("ttt:\n  enable: true\n  mini_batch_size: 0\n")
     with pytest.raises(ValueError, match=r"finetune.yaml: ttt.mini_batch_size=0 is invalid"):
         load_ttt_block(path)
+
+
+# Every key of the public Moshi-TTT `ttt:` block (its TTTArgs dataclass) with its default there.
+PUBLIC_BLOCK = {
+    "enable": False, "layers": "middle", "base_lr": 1.0, "mini_batch_size": 16,
+    "persistent_states": True, "initial_gating_alpha": 0.1,
+    "override_gating_alpha_on_resume": False, "ttt_layer_context": None,
+    "non_ttt_layer_context": None, "weight_lr_multiplier": 10.0, "alpha_lr_multiplier": 100.0,
+    "log_inner_loop_losses": False, "inner_loop_log_interval": 1,
+    "save_inner_loop_plots": False, "inner_loop_plot_dir": "./evaluation_plots/inner_loop",
+    "optimize_chunk_size": True, "chunk_size": None, "max_chunk_size": 50,
+    "prefer_efficiency": True, "ttt_mlp_layers": 2, "ttt_mlp_hidden_dims": None,
+    "ttt_mlp_expansion_factor": 4.0, "normalize_ttt_output": False, "target_output_norm": 25.0,
+    "use_rope": False, "rope_theta": 10000.0, "unfrozen_attention_layers": "none",
+    "enable_training_diagnostics": False, "training_diagnostic_frequency": 100,
+}
+
+
+def test_every_public_block_key_is_read_or_refused_with_a_reason():
+    from ttt_jax.moshi.config import load_ttt_args
+
+    block = dict(PUBLIC_BLOCK, persistent_states=False)  # the one default refused here
+    args = load_ttt_args(block)
+    assert (args.layers, args.ttt_base_lr, args.weight_lr_multiplier,
+            args.alpha_lr_multiplier) == ("middle", 1.0, 10.0, 100.0)
+    table = (REPO / "docs" / "moshi.md").read_text()
+    fields = {f.name for f in dataclasses.fields(TTTArgs)} | set(TTTArgs.YAML_ALIASES)
+    for key in PUBLIC_BLOCK:
+        assert key in fields or key in TTTArgs.YAML_FOREIGN, key
+        assert f"| `{key}` |" in table, f"docs/moshi.md has no row for {key}"
+    for key, value in (("persistent_states", True), ("ttt_mlp_layers", 3),
+                       ("normalize_ttt_output", True), ("ttt_layer_context", 750),
+                       ("unfrozen_attention_layers", "middle")):
+        with pytest.raises(ValueError, match=rf"ttt\.{key}={value!r} is not supported: \w+"):
+            load_ttt_args({**block, key: value})
+
+
+def test_the_public_block_example_trains_through_train_py(tmp_path, train_main):
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", str(REPO / "configs" / "ttt_with_rope_example.yaml"),
+                       "--set", "train.steps=2", "--set", "data.seq_len=16",
+                       "--set", "model.transformer.num_layers=2", "--set", "train.log_every=1",
+                       "--set", "train.eval_batches=1", "--set", f"train.run_dir={run_dir}"]) == 0
+    cfg = load_config(run_dir / "config.yaml")
+    assert isinstance(cfg, MoshiRunConfig)
+    assert (cfg.model.ttt.enable, cfg.model.ttt.use_rope, cfg.model.ttt.mini_batch_size) == \
+        (True, True, 16)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").open()
+              if json.loads(line)["kind"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    other = tmp_path / "other.yaml"
+    other.write_text("ttt: {enable: true}\nlora: {enable: true}\n")
+    assert train_main(["--config", str(other), "--check"]) == 2
 
 
 def write_codebooks(tmp_path, arrays):

@@ -93,6 +93,23 @@ def _renamed(cls: type, data: Mapping, where: str) -> Mapping:
     return out
 
 
+def _without_foreign(cls: type, data: Mapping, where: str) -> Mapping:
+    """``data`` without the keys a class knows from another project but does not implement
+    (its ``YAML_FOREIGN``: key -> (the values that mean "off", why)): such a key with an "off"
+    value is dropped, any other value is refused with the reason."""
+    foreign = getattr(cls, "YAML_FOREIGN", {})
+    if not any(k in data for k in foreign):
+        return data
+    out = dict(data)
+    for key, (off, why) in foreign.items():
+        if key in out:
+            value = out.pop(key)
+            if value not in off:
+                raise ValueError(f"{where}.{key}={value!r} is not supported: {why} (accepted: "
+                                 f"{', '.join(repr(v) for v in off)}, or leave the key out)")
+    return out
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """Builds the dataclass ``cls`` from a mapping, rejecting unknown keys and bad types.
 
@@ -109,7 +126,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         raise ValueError(f"{where} must be a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    data = _renamed(cls, data, where)
+    data = _without_foreign(cls, _renamed(cls, data, where), where)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}: "
@@ -162,6 +179,11 @@ def load_config(path: str | Path, cls: Optional[type[T]] = None) -> T:
     (``ttt_lm`` when absent): see ``ttt_jax.registry``.
     """
     data = read_yaml(path)
+    if cls is None and isinstance(data, dict) and "ttt" in data and not (
+            {"architecture", "model"} & set(data)):
+        from ttt_jax.moshi.config import run_from_ttt_block
+
+        return run_from_ttt_block(data, path)  # a public Moshi-TTT block on its own
     if cls is None:
         from ttt_jax import registry
 

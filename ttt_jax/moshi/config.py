@@ -130,6 +130,44 @@ class TTTArgs:
     """
 
     YAML_ALIASES: ClassVar[dict[str, str]] = {"base_lr": "ttt_base_lr"}
+    # Keys of the public Moshi-TTT block that this project does not implement: accepted with
+    # the value that leaves them off, refused otherwise with the reason (docs/moshi.md has the
+    # table of every key).
+    YAML_FOREIGN: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "persistent_states": ((False,), "carrying the TTT state from one training chunk to the "
+                              "next is not implemented yet; every sequence starts from the "
+                              "initial TTT weights"),
+        "override_gating_alpha_on_resume": ((False,), "to restart the gating, start a new run "
+                                            "with checkpoint.init_from and "
+                                            "optim.trainable / ttt.initial_gating_alpha"),
+        "ttt_layer_context": ((None,), "one attention context for every layer: "
+                              "model.transformer.context"),
+        "non_ttt_layer_context": ((None,), "one attention context for every layer: "
+                                  "model.transformer.context"),
+        "log_inner_loop_losses": ((False,), "the inner losses are logged by "
+                                  "train.diagnostics_every and `ttt-jax eval --diagnostics`"),
+        "inner_loop_log_interval": ((1,), "see train.diagnostics_every"),
+        "save_inner_loop_plots": ((False,), "`ttt-jax eval --diagnostics` draws them"),
+        "inner_loop_plot_dir": (("./evaluation_plots/inner_loop",), "`ttt-jax eval --out DIR`"),
+        "enable_training_diagnostics": ((False,), "use train.diagnostics_every"),
+        "training_diagnostic_frequency": ((100,), "use train.diagnostics_every"),
+        "optimize_chunk_size": ((True, False), "evaluation here streams any length exactly, "
+                                "so the chunk size changes nothing"),
+        "chunk_size": ((None,), "evaluation here streams any length exactly (`ttt-jax eval "
+                       "--lengths`)"),
+        "max_chunk_size": ((50,), "evaluation here streams any length exactly"),
+        "prefer_efficiency": ((True, False), "evaluation here streams any length exactly"),
+        "ttt_mlp_layers": ((2,), "the inner TTT-MLP has two layers (f -> 4f -> f)"),
+        "ttt_mlp_hidden_dims": ((None,), "the inner TTT-MLP's hidden width is 4 * head_dim"),
+        "ttt_mlp_expansion_factor": ((4.0, 4), "the inner TTT-MLP's hidden width is "
+                                     "4 * head_dim"),
+        "normalize_ttt_output": ((False,), "output scaling to a target norm is not implemented; "
+                                 "the gating alpha and ttt.pre_norm set the TTT output's scale"),
+        "target_output_norm": ((25.0, 25), "see normalize_ttt_output"),
+        "unfrozen_attention_layers": (("none",), "freeze with ttt.freeze_backbone and choose "
+                                      "trained params with optim.trainable (a path regex, e.g. "
+                                      "'seq_modeling_block|layers_(3|4)/self_attn')"),
+    }
 
     enable: bool = False
     layers: str = "none"
@@ -332,5 +370,36 @@ def load_ttt_block(path: str | Path) -> TTTArgs:
         raise ValueError(f"{path}: expected a top-level `ttt:` mapping (the Moshi-TTT block)")
     try:
         return load_ttt_args(data["ttt"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+# The preset a YAML holding only the public ``ttt:`` block trains (run_from_ttt_block).
+TTT_BLOCK_PRESET = "moshi_ttt_tiny"
+
+
+def run_from_ttt_block(data: dict, path: str | Path) -> MoshiRunConfig:
+    """The run of a YAML whose only section is a public Moshi-TTT ``ttt:`` block: the
+    ``moshi_ttt_tiny`` preset (a CPU-sized backbone on synthetic streams) with that block as
+    ``model.ttt``, into ``runs/<file name>``. The block's keys replace the preset's; the keys
+    of the public block this project does not implement are accepted with the value that
+    leaves them off and refused otherwise (``TTTArgs.YAML_FOREIGN``). Any other top-level key
+    is refused: a whole run is written as a run config (``architecture: moshi_ttt``)."""
+    from ttt_jax.cli.presets import PRESET_DIR
+    from ttt_jax.config.yaml_io import read_yaml
+
+    others = sorted(set(data) - {"ttt"})
+    if others:
+        raise ValueError(f"{path}: unknown top-level key(s) {', '.join(others)} beside the "
+                         f"Moshi-TTT `ttt:` block: a file with a top-level `ttt:` trains the "
+                         f"{TTT_BLOCK_PRESET} preset with that block; for anything else write a "
+                         f"run config (architecture: moshi_ttt, the block under model.ttt)")
+    if not isinstance(data["ttt"], dict):
+        raise ValueError(f"{path}: ttt must be a mapping of the Moshi-TTT block's keys")
+    preset = read_yaml(PRESET_DIR / f"{TTT_BLOCK_PRESET}.yaml")
+    preset["model"]["ttt"] = {**preset["model"]["ttt"], **data["ttt"]}
+    preset["train"]["run_dir"] = f"runs/{Path(path).stem}"
+    try:
+        return from_dict(MoshiRunConfig, preset)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
