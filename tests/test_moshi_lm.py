@@ -339,6 +339,7 @@ def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
     import json
     from pathlib import Path
 
+    from ttt_jax.checkpoint import load_run
     from ttt_jax.cli import main
     from ttt_jax.config import load_config
     from ttt_jax.moshi.convert import load_safetensors
@@ -365,6 +366,11 @@ def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
     ttt = load_safetensors(out / "ttt.safetensors")
     assert ttt and all(k.startswith("transformer.layers.0.seq_modeling_block.") for k in ttt)
     cfg, params = load_lm(out)
+    saved = flatten(load_run(run_dir).params)  # the export is the checkpoint, exactly
+    assert cfg == load_config(run_dir / "config.yaml").model
+    assert set(saved) == set(flatten(params))
+    for k, v in flatten(params).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(saved[k]), err_msg=k)
     assert np.any(flatten(params)["transformer/layers_0/seq_modeling_block/ttt_layer/o_proj/"
                                   "kernel"])  # training moved the graft off its no-op start
     params = jax.tree_util.tree_map_with_path(
@@ -375,3 +381,24 @@ def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
     got = {k: np.asarray(getattr(out_ours, k)) for k in ("logits", "mask", "text_logits",
                                                          "text_mask")}
     assert_matches(got, moshi_out(ref, codes))
+
+
+def test_preset_round_trips_and_lacking_features_are_refused():
+    from pathlib import Path
+
+    from ttt_jax import registry
+    from ttt_jax.config import from_dict, load_config, to_dict
+    from ttt_jax.moshi.lm_config import MoshiLMRunConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "moshi_lm_tiny.yaml"
+    cfg = load_config(path)
+    assert type(cfg) is MoshiLMRunConfig and cfg.model.n_q == 8 and cfg.model.dep_q == 8
+    assert from_dict(MoshiLMRunConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="architecture 'moshi_lm' does not support diagnostics"):
+        registry.load_run(path, ["train.diagnostics_every=1"])
+    with pytest.raises(ValueError, match="mesh is invalid: architecture 'moshi_lm' does not "
+                                         "support mesh"):
+        registry.load_run(path, ["mesh.data=1"])
+    with pytest.raises(ValueError, match=r"model.delays=\(0, 0\) is invalid: expected n_q \+ 1 "
+                                         r"= 9 integers"):
+        registry.load_run(path, ["model.delays=[0, 0]"])

@@ -24,12 +24,12 @@ CONFIGS = REPO / "configs"
 
 
 def test_builtin_architectures_and_unknown_name():
-    assert {"ttt_lm", "attention_lm", "moshi_ttt"} <= set(registry.names())
-    for name in ("ttt_lm", "attention_lm", "moshi_ttt"):
+    assert {"ttt_lm", "attention_lm", "moshi_ttt", "moshi_lm"} <= set(registry.names())
+    for name in ("ttt_lm", "attention_lm", "moshi_ttt", "moshi_lm"):
         arch = registry.get(name)
         assert arch.name == name and set(arch.features) <= set(registry.FEATURES)
     with pytest.raises(ValueError, match=r"architecture='nope' is invalid: expected one of "
-                                         r"'attention_lm', 'moshi_ttt', 'ttt_lm'"):
+                                         r"'attention_lm', 'moshi_lm', 'moshi_ttt', 'ttt_lm'"):
         registry.get("nope")
 
 
