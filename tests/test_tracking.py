@@ -138,7 +138,8 @@ def resumed(tmp_path_factory):
 
     trainer.plot_losses = recording
     try:
-        run(small_config(run_dir, "train.steps=14", "train.log_every=1"), print_fn=quiet)
+        run(small_config(run_dir, "train.steps=14", "train.log_every=1",
+                         "train.diagnostics_every=7"), print_fn=quiet)
     finally:
         trainer.plot_losses = real
     first = jsonl(run_dir)
@@ -180,14 +181,23 @@ def test_loss_png_is_redrawn_at_every_evaluation(resumed):
 def test_event_files_hold_the_jsonl_scalars_with_no_step_twice(resumed):
     run_dir, first, events_first, _ = resumed
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/step_time_s", "train/mfu", "eval/val_loss", "eval/val_bpb"):
+                "train/step_time_s", "train/mfu", "eval/val_loss", "eval/val_bpb",
+                "ttt/layer_0/w0", "ttt/layer_0/before", "ttt/layer_0/after"):
         assert tag in events_first, tag
+    diagnostics = [r for r in first if r["kind"] == "ttt_diagnostics"]
+    assert [r["step"] for r in diagnostics] == [7, 14]
+    for r in diagnostics:
+        assert dict(events_first["ttt/layer_0/after"])[r["step"]] == pytest.approx(
+            r["layers"][0]["after"], rel=1e-6)
     # the first run: every scalar of metrics.jsonl, at its step, and nothing else
     want = {}
     for r in first:
         for key, value in r.items():
             if key not in ("kind", "step") and isinstance(value, float):
                 want[(f"{r['kind']}/{key}", r["step"])] = value
+        for i, layer in enumerate(r.get("layers", [])):  # ttt_diagnostics: one dict per layer
+            for key, value in layer.items():
+                want[(f"ttt/layer_{i}/{key}", r["step"])] = value
     got = {(tag, step): value for tag, points in events_first.items() for step, value in points}
     assert set(got) == set(want)
     for key, value in want.items():

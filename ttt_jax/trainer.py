@@ -297,12 +297,12 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
         if done % t.log_every == 0 or done == t.steps or stop.signal is not None:
             guard.check()
         busy = save(state)
-        val_loss, evaluated = _log_and_eval(cfg, done, m, state, metrics, progress, clock,
-                                            eval_step, val_ds, val_loss, diagnose,
-                                            bytes_per_token)
+        val_loss, evaluated, diagnosed = _log_and_eval(cfg, done, m, state, metrics, progress,
+                                                       clock, eval_step, val_ds, val_loss,
+                                                       diagnose, bytes_per_token)
         if evaluated:
             plot()
-        if busy or evaluated:
+        if busy or evaluated or diagnosed:
             clock.restart()  # the next steps are timed from here, without that work
         if stop.signal is not None:
             progress.close()
@@ -354,10 +354,10 @@ def _flops_per_token(cfg, arch, model, params, print_fn) -> Optional[float]:
 
 def _log_and_eval(cfg, done, m, state, metrics, progress, clock, eval_step, val_ds, val_loss,
                   diagnose, bytes_per_token):
-    """Writes the step's metrics and runs validation when due; returns the latest val loss and
-    whether it validated (or ran diagnostics)."""
+    """Writes the step's metrics and runs validation and diagnostics when due; returns the
+    latest val loss, whether it validated and whether it ran the diagnostics."""
     t = cfg.train
-    evaluated = False
+    evaluated = diagnosed = False
     if done % t.log_every == 0 or done == t.steps:
         loss = float(m["loss"])
         finite = math.isfinite(loss)  # not finite: a skipped step (train.skip_nonfinite_steps)
@@ -373,5 +373,5 @@ def _log_and_eval(cfg, done, m, state, metrics, progress, clock, eval_step, val_
     if diagnose is not None and done % t.diagnostics_every == 0:
         layers = diagnose(state.params, val_ds.batch(0)[:, :-1])
         metrics.write({"kind": "ttt_diagnostics", "step": done, "layers": layers})
-        evaluated = True
-    return val_loss, evaluated
+        diagnosed = True
+    return val_loss, evaluated, diagnosed
