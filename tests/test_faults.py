@@ -358,12 +358,13 @@ def test_signals_save_then_exit_130_or_143_and_a_second_sigint_stops_at_once(tmp
     assert step_dirs(run_dir)[-1] == second  # nothing saved
 
 
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+@pytest.mark.parametrize("command", [["train.py"], ["-m", "ttt_jax", "train"]])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, command):
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs /proc to see when JAX is being imported")
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv(run_dir, *LONG)],
+    proc = subprocess.Popen([sys.executable, *command, *argv(run_dir, *LONG)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env())
     deadline = time.time() + 120

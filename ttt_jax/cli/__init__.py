@@ -107,9 +107,16 @@ def weights_main(argv: Optional[Sequence[str]] = None, default: Optional[str] = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``ttt-jax COMMAND ...``; returns the exit status (0, or 2 on a user error)."""
+    """``ttt-jax COMMAND ...``; returns the exit status (0, or 2 on a user error; 130 for a
+    Ctrl-C before the command took over its signals, reported in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:  # its own parser reads the rest, --help included
-        return _eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return run_command(args.run, args)
+    try:
+        if argv[:1] == ["eval"]:  # its own parser reads the rest, --help included
+            return _eval_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return run_command(args.run, args)
+    except KeyboardInterrupt:  # while the commands' modules (and JAX) are being imported
+        from ttt_jax.errors import report
+
+        return report("interrupted by SIGINT during start-up: nothing was trained or saved",
+                      128 + 2)
