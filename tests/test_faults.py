@@ -358,13 +358,23 @@ def test_signals_save_then_exit_130_or_143_and_a_second_sigint_stops_at_once(tmp
     assert step_dirs(run_dir)[-1] == second  # nothing saved
 
 
-@pytest.mark.parametrize("command", [["train.py"], ["-m", "ttt_jax", "train"]])
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, command):
+def test_ctrl_c_while_the_console_script_imports_is_one_line_and_exit_130(monkeypatch, capsys):
+    import ttt_jax.cli as cli
+
+    def interrupted():  # Ctrl-C while the command modules (and JAX) are being imported
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train", "--config", "tiny"]) == 130
+    assert "interrupted by SIGINT during start-up" in one_error_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs /proc to see when JAX is being imported")
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, *command, *argv(run_dir, *LONG)],
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv(run_dir, *LONG)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env())
     deadline = time.time() + 120
