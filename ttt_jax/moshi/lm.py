@@ -76,6 +76,30 @@ def sin_embedding(length: int, dim: int, max_period: float) -> jax.Array:
     return jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1)
 
 
+class StepKernel(nn.Module):
+    """One weight set's ``kernel [in, out]`` (the param path of a bias-free ``nn.Dense``)."""
+
+    features_in: int
+    features_out: int
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.normal(0.02),
+                          (self.features_in, self.features_out), jnp.float32)
+
+
+def per_step(x, kernels, weight_index, dtype):
+    """``x [N, S, in]`` times the kernel of each step's weight set: ``[N, S, out]``.
+
+    ``kernels`` holds every weight set's ``[in, out]`` kernel; ``weight_index[s]`` is step
+    ``s``'s set. One set: a plain product; several: one batched product over the steps."""
+    x = x.astype(dtype)
+    if len(kernels) == 1:
+        return x @ kernels[0].astype(dtype)
+    stacked = jnp.stack([kernels[w] for w in weight_index[:x.shape[1]]]).astype(dtype)
+    return jnp.einsum("nsi,sio->nso", x, stacked)
+
+
 class DepformerAttention(nn.Module):
     """Causal self-attention over the depformer steps with one weight set per step.
 
@@ -90,23 +114,16 @@ class DepformerAttention(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        d, init = self.config.d_model, nn.initializers.normal(0.02)
+        d = self.config.d_model
         sets = max(self.weight_index) + 1
-        self.in_projs = [nn.Dense(3 * d, use_bias=False, dtype=self.dtype, kernel_init=init)
-                         for _ in range(sets)]
-        self.out_projs = [nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=init)
-                          for _ in range(sets)]
-
-    def _per_step(self, modules, x):
-        if len(modules) == 1:
-            return modules[0](x)
-        return jnp.concatenate([modules[w](x[:, s:s + 1])
-                                for s, w in enumerate(self.weight_index[:x.shape[1]])], axis=1)
+        self.in_projs = [StepKernel(d, 3 * d) for _ in range(sets)]
+        self.out_projs = [StepKernel(d, d) for _ in range(sets)]
 
     def __call__(self, x):
         cfg = self.config
         bsz, steps, _ = x.shape
-        qkv = self._per_step(self.in_projs, x).reshape(bsz, steps, 3, cfg.num_heads, cfg.head_dim)
+        qkv = per_step(x, [k() for k in self.in_projs], self.weight_index, self.dtype)
+        qkv = qkv.reshape(bsz, steps, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))  # [N, H, S, f]
         positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (bsz, steps))
         if cfg.positional_embedding == "rope":
@@ -119,14 +136,37 @@ class DepformerAttention(nn.Module):
         out = jnp.einsum("bhqk,bhkf->bhqf", jax.nn.softmax(scores, axis=-1),
                          v.astype(jnp.float32))
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(bsz, steps, cfg.d_model)
-        return self._per_step(self.out_projs, out.astype(self.dtype))
+        return per_step(out, [k() for k in self.out_projs], self.weight_index, self.dtype)
+
+
+class StepGating(nn.Module):
+    """One weight set of the gated FFN: ``linear_in/kernel [d, 2h]``, ``linear_out/kernel
+    [h, d]`` (``h`` from the set's ``dim_feedforward``, ``MoshiTransformerConfig.hidden_size``)."""
+
+    config: MoshiTransformerConfig
+
+    def setup(self):
+        d, hidden = self.config.d_model, self.config.hidden_size
+        self.linear_in = StepKernel(d, 2 * hidden)
+        self.linear_out = StepKernel(hidden, d)
+
+    def __call__(self):
+        return self.linear_in(), self.linear_out()
+
+
+def gated_ffn(x, w_in, w_out, weight_index, dtype):
+    """``linear_out(silu(a) * b)``, ``[a, b] = linear_in(x)``, with per-step weight sets."""
+    h = per_step(x, w_in, weight_index, dtype)
+    hidden = h.shape[-1] // 2
+    return per_step(nn.silu(h[..., :hidden]) * h[..., hidden:], w_out, weight_index, dtype)
 
 
 class DepformerLayer(nn.Module):
     """``x += ls1(attn(norm1(x)))``, ``x += ls2(gating[w](norm2(x)))`` with per-step weights.
 
-    Param names: ``norm1 norm2 self_attn/{in_projs,out_projs}_{j}`` and ``gating`` (one weight
-    set) or ``gating_{j}`` (``weights_per_step``), ``layer_scale_{1,2}``.
+    Param names: ``norm1 norm2 self_attn/{in_projs,out_projs}_{j}/kernel`` and
+    ``gating/linear_{in,out}/kernel`` (one weight set) or ``gating_{j}/...``
+    (``weights_per_step``), ``layer_scale_{1,2}``.
     """
 
     config: MoshiLMConfig
@@ -134,12 +174,12 @@ class DepformerLayer(nn.Module):
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         block = cfg.depformer_block()
-        index = tuple(cfg.depformer_weight_index(s) for s in range(cfg.dep_q))
+        self.index = tuple(cfg.depformer_weight_index(s) for s in range(cfg.dep_q))
         self.norm1 = make_norm(block)
-        self.self_attn = DepformerAttention(block, index, dtype)
+        self.self_attn = DepformerAttention(block, self.index, dtype)
         self.norm2 = make_norm(block)
         if cfg.depformer.weights_per_step:
-            self.gating = [MoshiGating(cfg.depformer_block(j), dtype)
+            self.gating = [StepGating(cfg.depformer_block(j))
                            for j in range(cfg.depformer_weight_sets)]
         else:
             self.gating = MoshiGating(block, dtype)
@@ -155,9 +195,14 @@ class DepformerLayer(nn.Module):
     def _ffn(self, x):
         if not self.config.depformer.weights_per_step:
             return self.gating(x)
-        cfg = self.config
-        return jnp.concatenate([self.gating[cfg.depformer_weight_index(s)](x[:, s:s + 1])
-                                for s in range(x.shape[1])], axis=1)
+        dtype = jnp.dtype(self.config.dtype)
+        sets = [g() for g in self.gating]
+        w_in, w_out = [w for w, _ in sets], [w for _, w in sets]
+        if len({w.shape for w in w_in}) == 1:  # equal widths: one batched product
+            return gated_ffn(x, w_in, w_out, self.index, dtype)
+        steps = enumerate(self.index[:x.shape[1]])  # the widths differ: step by step
+        return jnp.concatenate([gated_ffn(x[:, s:s + 1], [w_in[w]], [w_out[w]], (0,), dtype)
+                                for s, w in steps], axis=1)
 
     def __call__(self, x):
         x = x + self._scale(1, self.self_attn(self.norm1(x)))
