@@ -172,6 +172,9 @@ def rules_from_state(rules: list[Rule], arrays: Mapping[str, Any], target: Mappi
     """
     target = target.get("params", target)
     flat = dict(flatten_dict(flax.core.unfreeze(target)))
+    absent = sorted("/".join(r.flax) for r in rules if r.flax not in flat)
+    if absent:
+        raise ValueError(f"target params do not match the config: they lack {absent[:20]}")
     known = {r.torch for r in rules}
     unexpected = sorted(prefix + k for k in set(arrays) - known) if strict else []
     kept, missing, mismatched = [], [], []
