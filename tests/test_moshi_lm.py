@@ -141,9 +141,11 @@ def test_forward_matches_moshi(case):
     assert np.nanmax(np.abs(other - want["text_logits"])) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["multi_linear+weights_per_step", "schedule"], indirect=True)
 def test_noop_graft_keeps_moshi_logits(case):
     """TTT grafted (noop_init) into temporal layer 1 of moshi's weights: the same logits; a
-    non-zero o_proj changes them."""
+    non-zero o_proj changes them. (The graft is in the temporal transformer: two depformer
+    layouts suffice.)"""
     cfg = dataclasses.replace(case.cfg, ttt=TTTArgs(enable=True, layers="1", mini_batch_size=4,
                                                     use_rope=True, noop_init=True,
                                                     layer_type="linear"))
@@ -332,29 +334,51 @@ def test_loss_on_moshi_output(case):
 # ---- the moshi_lm architecture: train -> export -> load in moshi --------------------------
 
 
-def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
-    """``train.py --config configs/moshi_lm_tiny.yaml`` (text + 8 codebooks, depformer, a no-op
-    TTT graft) lowers the validation loss; ``ttt-jax export`` writes files moshi loads with
-    ``strict=True``, and moshi's logits equal ours with the graft switched off (o_proj = 0)."""
+def test_import_train_export_load_in_moshi(tmp_path, train_main):
+    """The whole path with ``configs/moshi_lm_tiny.yaml`` (text + 8 codebooks, depformer, a
+    no-op TTT graft): a moshi ``LMModel`` file -> ``ttt-jax import`` -> ``train.py`` from it,
+    whose first validation loss is the Moshi loss of moshi's own forward on that batch (numpy),
+    and which lowers it -> ``ttt-jax export`` = the checkpoint exactly -> moshi loads the files
+    with ``strict=True`` and gives our logits with the graft switched off (o_proj = 0)."""
     import json
     from pathlib import Path
 
     from ttt_jax.checkpoint import load_run
     from ttt_jax.cli import main
     from ttt_jax.config import load_config
-    from ttt_jax.moshi.convert import load_safetensors
+    from ttt_jax.moshi.convert import load_safetensors, save_safetensors
+    from ttt_jax.moshi.data import make_frames_dataset
     from ttt_jax.moshi.lm_config import MoshiLMRunConfig
 
-    repo = Path(__file__).resolve().parents[1]
+    preset = Path(__file__).resolve().parents[1] / "configs" / "moshi_lm_tiny.yaml"
+    run_cfg = load_config(preset)
+    base = build_ref(moshi_lm_kwargs(run_cfg.model), seed=1)
+    save_safetensors({k: v.numpy() for k, v in base.state_dict().items()},
+                     tmp_path / "moshi.safetensors")
+    assert main(["import", "--in", str(tmp_path / "moshi.safetensors"), "--config", str(preset),
+                 "--out", str(tmp_path / "base")]) == 0
+
     run_dir = tmp_path / "run"
-    assert train_main(["--config", str(repo / "configs" / "moshi_lm_tiny.yaml"),
+    assert train_main(["--config", str(preset),
                        "--set", "train.steps=24", "--set", "train.eval_every=24",
                        "--set", "train.log_every=12", "--set", "train.eval_batches=1",
                        "--set", "optim.warmup_steps=4", "--set", "checkpoint.every=24",
+                       "--set", f"checkpoint.init_from={tmp_path / 'base'}",
                        "--set", f"train.run_dir={run_dir}"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if r["kind"] == "eval"]
-    assert len(val) >= 2 and val[-1] < val[0] - 0.5, val  # 6.25 -> 5.43 nats here
+    # The first validation batch through moshi itself, and the fine-tuning loss in numpy.
+    cfg = run_cfg.model
+    ds = make_frames_dataset(run_cfg.data, vocab_sizes=(cfg.text_card,) + (cfg.card,) * cfg.n_q,
+                             seed=run_cfg.train.seed, split="val")
+    codes = np.swapaxes(ds.batch(0), 1, 2).astype(np.int64)
+    ref = moshi_out(base, codes)
+    want = (np_loss(ref["text_logits"], codes[:, :1], ref["text_mask"],
+                    lambda j, tok: cfg.text_padding_weight if tok in (3, 0) else 1.0)
+            + np_loss(ref["logits"], codes[:, 1:], ref["mask"],
+                      lambda j, tok: cfg.first_codebook_weight_multiplier if j == 0 else 1.0))
+    assert abs(val[0] - want) <= 1e-4, (val[0], want)
+    assert len(val) == 2 and val[-1] < val[0] - 0.3, val
     assert isinstance(load_config(run_dir / "config.yaml"), MoshiLMRunConfig)
 
     out = tmp_path / "export"
@@ -367,7 +391,7 @@ def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
     assert ttt and all(k.startswith("transformer.layers.0.seq_modeling_block.") for k in ttt)
     cfg, params = load_lm(out)
     saved = flatten(load_run(run_dir).params)  # the export is the checkpoint, exactly
-    assert cfg == load_config(run_dir / "config.yaml").model
+    assert cfg == run_cfg.model
     assert set(saved) == set(flatten(params))
     for k, v in flatten(params).items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(saved[k]), err_msg=k)
@@ -375,8 +399,7 @@ def test_tiny_preset_trains_then_exports_to_moshi(tmp_path, train_main):
                                   "kernel"])  # training moved the graft off its no-op start
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: np.zeros_like(v) if path_str(p).endswith("o_proj/kernel") else v, params)
-    kw = {"text_card": cfg.text_card, "card": cfg.card, "n_q": cfg.n_q}
-    codes = make_codes(kw)
+    codes = make_codes({"text_card": cfg.text_card, "card": cfg.card, "n_q": cfg.n_q})
     out_ours = MoshiLM(cfg).apply({"params": params}, jnp.asarray(codes))
     got = {k: np.asarray(getattr(out_ours, k)) for k in ("logits", "mask", "text_logits",
                                                          "text_mask")}

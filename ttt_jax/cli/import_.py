@@ -3,6 +3,7 @@
   ttt-jax import --in EXPORT_DIR --out FILE.msgpack [--config-out FILE.yaml] [--force]
   ttt-jax import --in moshi.safetensors --config moshi_ttt_7b --out RUN_DIR \\
       [--prefix transformer.] [--seed 0]
+  ttt-jax import --in moshi.safetensors --config moshi_lm_tiny --out RUN_DIR [--seed 0]
 
 ``--config`` says what the weights are and selects the architecture. Without it (or with a
 ttt-lm-pytorch ``config.json``) they are a ``ttt_lm`` export, ours or ttt-lm-pytorch's: the
@@ -11,6 +12,9 @@ that ``--config`` of other commands reads). With a run config of ``architecture:
 (a YAML file or preset name) they are a moshi state dict: a new run directory (step 0) is
 written holding its backbone plus the config's TTT layers at their init (no-ops with
 ``ttt.noop_init``); a training config then starts from it with ``checkpoint.init_from``.
+With ``architecture: moshi_lm`` they are a whole moshi ``LMModel`` state dict (a published
+``.safetensors`` file, or a ``moshi_lm`` export directory with its ``ttt.safetensors``),
+written the same way into a new run directory.
 """
 
 from __future__ import annotations
@@ -61,9 +65,25 @@ def _moshi_ttt(args: argparse.Namespace, run_cfg) -> None:
         import_moshi(args.source, run_cfg, out, prefix=args.prefix or "", seed=args.seed or 0)
 
 
+def _moshi_lm(args: argparse.Namespace, run_cfg) -> None:
+    from ttt_jax.moshi.lm_convert import import_lm
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"run directory {out} exists and is not empty: a moshi_lm import "
+                              f"writes a new run directory")
+    source = Path(args.source)
+    if not source.exists():
+        raise FileNotFoundError(f"weights {source} do not exist: expected an LMModel "
+                                f".safetensors file or a moshi_lm export directory")
+    with optional_dependency():
+        import_lm(source, run_cfg, out, seed=args.seed or 0)
+
+
 # architecture -> (importer, the architecture-specific options it reads)
 IMPORTERS = {"ttt_lm": (_ttt_lm, ("config_out", "force")),
-             "moshi_ttt": (_moshi_ttt, ("prefix", "seed"))}
+             "moshi_ttt": (_moshi_ttt, ("prefix", "seed")),
+             "moshi_lm": (_moshi_lm, ("seed",))}
 SPECIFIC = ("config_out", "force", "prefix", "seed")
 
 
@@ -80,7 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--out with .yaml)")
     p.add_argument("--force", action="store_true", help="ttt_lm: overwrite existing outputs")
     p.add_argument("--prefix", help="moshi_ttt: key prefix of the backbone (transformer.)")
-    p.add_argument("--seed", type=int, help="moshi_ttt: seed of the new TTT layers (default 0)")
+    p.add_argument("--seed", type=int, help="moshi_ttt, moshi_lm: seed of the new TTT layers "
+                   "(default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

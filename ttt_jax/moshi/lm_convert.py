@@ -199,3 +199,37 @@ def load_lm(in_dir: str | Path, target: Optional[Mapping] = None) -> tuple[Moshi
     ttt = load_safetensors(d / TTT_NAME) if (d / TTT_NAME).is_file() else None
     params, _ = from_lm_state_dict(cfg, load_safetensors(d / MODEL_NAME), target, ttt_state=ttt)
     return cfg, params
+
+
+def read_lm_weights(path: str | Path) -> tuple[dict, Optional[dict]]:
+    """``(moshi state dict, TTT state dict or None)`` from an ``LMModel`` ``.safetensors`` file
+    or a ``save_lm`` directory (``model.safetensors`` and, if present, ``ttt.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        ttt = load_safetensors(path / TTT_NAME) if (path / TTT_NAME).is_file() else None
+        return load_safetensors(path / MODEL_NAME), ttt
+    return load_safetensors(path), None
+
+
+def import_lm(weights: str | Path, run_cfg, out_run_dir: str | Path, *, seed: int = 0,
+              print_fn=print) -> Path:
+    """A run directory (step 0) holding ``weights`` (``read_lm_weights``) in ``run_cfg``'s
+    ``MoshiLM``; TTT layers the weights do not have stay at their init (no-ops with
+    ``ttt.noop_init``). A training config starts from it with ``checkpoint.init_from``."""
+    import jax
+
+    from ttt_jax import registry
+    from ttt_jax.checkpoint import Checkpointer
+
+    model_sd, ttt_sd = read_lm_weights(weights)
+    arch = registry.of(run_cfg)
+    optimizer = arch.make_optimizer(run_cfg)
+    state = jax.jit(lambda k: arch.init_state(run_cfg, optimizer, k))(jax.random.PRNGKey(seed))
+    params, kept = from_lm_state_dict(run_cfg.model, model_sd, state.params, ttt_state=ttt_sd,
+                                      require_ttt=False)
+    state = state.replace(params=params, opt_state=jax.jit(optimizer.init)(params))
+    ckpt = Checkpointer(out_run_dir, every=1, keep=1)
+    ckpt.save(state, run_cfg, force=True)
+    ckpt.close()
+    print_fn(f"imported {weights} into {out_run_dir} ({len(kept)} TTT arrays at their init)")
+    return Path(out_run_dir)
