@@ -17,7 +17,7 @@ from ttt_jax.moshi.data import make_frames_dataset
 from ttt_jax import registry
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted((REPO / "configs").glob("moshi*.yaml"))
+PRESETS = sorted((REPO / "configs").glob("moshi_ttt*.yaml"))  # moshi_lm: tests/test_moshi_lm.py
 
 
 def expected_param_count(model: dict) -> int:
