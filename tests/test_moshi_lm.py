@@ -264,6 +264,22 @@ def test_published_layout_matches_moshi_keys_and_shapes():
     assert ours == theirs
 
 
+def test_7b_preset_is_the_published_model():
+    """``configs/moshi_lm_7b.yaml`` describes moshi's published LMModel (its keyword arguments in
+    ``moshi.models.loaders``), plus the graft and the loss weights."""
+    from pathlib import Path
+
+    from moshi.models import loaders
+
+    from ttt_jax.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "moshi_lm_7b.yaml").model
+    want = from_moshi_lm_kwargs(loaders._lm_kwargs, ttt=cfg.ttt, dtype=cfg.dtype,
+                                text_padding_weight=0.5, first_codebook_weight_multiplier=100.0)
+    assert cfg == want
+    assert cfg.temporal.ttt_layers == tuple(range(8, 24))
+
+
 # ---- the fine-tuning loss ---------------------------------------------------------------
 
 
