@@ -141,11 +141,11 @@ def test_forward_matches_moshi(case):
     assert np.nanmax(np.abs(other - want["text_logits"])) > 1e-3
 
 
-@pytest.mark.parametrize("case", ["multi_linear+weights_per_step", "schedule"], indirect=True)
+@pytest.mark.parametrize("case", ["multi_linear+weights_per_step"], indirect=True)
 def test_noop_graft_keeps_moshi_logits(case):
     """TTT grafted (noop_init) into temporal layer 1 of moshi's weights: the same logits; a
-    non-zero o_proj changes them. (The graft is in the temporal transformer: two depformer
-    layouts suffice.)"""
+    non-zero o_proj changes them. (The graft is in the temporal transformer, the same in every
+    depformer layout: the published one suffices.)"""
     cfg = dataclasses.replace(case.cfg, ttt=TTTArgs(enable=True, layers="1", mini_batch_size=4,
                                                     use_rope=True, noop_init=True,
                                                     layer_type="linear"))
@@ -350,11 +350,60 @@ def test_loss_on_moshi_output(case):
 # ---- the moshi_lm architecture: train -> export -> load in moshi --------------------------
 
 
-def test_import_train_export_load_in_moshi(tmp_path, train_main):
-    """The whole path with ``configs/moshi_lm_tiny.yaml`` (text + 8 codebooks, depformer, a
-    no-op TTT graft): a moshi ``LMModel`` file -> ``ttt-jax import`` -> ``train.py`` from it,
-    whose first validation loss is the Moshi loss of moshi's own forward on that batch (numpy),
-    and which lowers it -> ``ttt-jax export`` = the checkpoint exactly -> moshi loads the files
+PRESET = "moshi_lm_tiny.yaml"  # text + 8 codebooks, depformer, TTT-Linear in layer 0 (no-op)
+
+
+def test_import_scores_like_moshi_and_exports_back(tmp_path):
+    """A moshi ``LMModel`` file -> ``ttt-jax import`` (the preset's no-op graft): the training
+    objective of the imported run on a validation batch is the Moshi loss of moshi's own
+    forward (numpy); ``ttt-jax export`` of that run gives back moshi's file exactly."""
+    from pathlib import Path
+
+    from ttt_jax import registry
+    from ttt_jax.checkpoint import load_run
+    from ttt_jax.cli import main
+    from ttt_jax.config import load_config
+    from ttt_jax.moshi.convert import load_safetensors, save_safetensors
+    from ttt_jax.moshi.data import make_frames_dataset
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / PRESET
+    run_cfg = load_config(preset)
+    cfg = run_cfg.model
+    base = build_ref(moshi_lm_kwargs(cfg), seed=1)
+    weights = {k: v.numpy() for k, v in base.state_dict().items()}
+    save_safetensors(weights, tmp_path / "moshi.safetensors")
+    assert main(["import", "--in", str(tmp_path / "moshi.safetensors"), "--config", str(preset),
+                 "--out", str(tmp_path / "base")]) == 0
+    saved = load_run(tmp_path / "base")
+    assert saved.config == run_cfg and saved.step == 0
+
+    ds = make_frames_dataset(run_cfg.data, vocab_sizes=(cfg.text_card,) + (cfg.card,) * cfg.n_q,
+                             seed=run_cfg.train.seed, split="val")
+    frames = ds.batch(0)  # [B, T, K], what the trainer feeds the objective
+    model = registry.of(run_cfg).build_model(cfg)
+    loss, count = jax.jit(lambda p, x: model.apply({"params": p}, x, None, method="loss_sums"))(
+        saved.params, jnp.asarray(frames))
+    codes = np.swapaxes(frames, 1, 2).astype(np.int64)
+    ref = moshi_out(base, codes)
+    want = (np_loss(ref["text_logits"], codes[:, :1], ref["text_mask"],
+                    lambda j, tok: cfg.text_padding_weight if tok in (3, 0) else 1.0)
+            + np_loss(ref["logits"], codes[:, 1:], ref["mask"],
+                      lambda j, tok: cfg.first_codebook_weight_multiplier if j == 0 else 1.0))
+    assert float(count) == 1.0 and abs(float(loss) - want) <= 1e-4, (float(loss), want)
+
+    assert main(["export", "--checkpoint", str(tmp_path / "base"), "--out",
+                 str(tmp_path / "out")]) == 0
+    back = load_safetensors(tmp_path / "out" / "model.safetensors")
+    assert set(back) == set(weights)
+    for k, v in weights.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    ttt = load_safetensors(tmp_path / "out" / "ttt.safetensors")
+    assert not np.any(ttt["transformer.layers.0.seq_modeling_block.ttt_layer.ttt.wo.weight"])
+
+
+def test_tiny_preset_trains_then_moshi_loads_the_export(tmp_path, train_main):
+    """``train.py --config configs/moshi_lm_tiny.yaml`` lowers the validation loss of the Moshi
+    objective; ``ttt-jax export`` is the checkpoint exactly, moshi loads its ``model.safetensors``
     with ``strict=True`` and gives our logits with the graft switched off (o_proj = 0)."""
     import json
     from pathlib import Path
@@ -362,39 +411,19 @@ def test_import_train_export_load_in_moshi(tmp_path, train_main):
     from ttt_jax.checkpoint import load_run
     from ttt_jax.cli import main
     from ttt_jax.config import load_config
-    from ttt_jax.moshi.convert import load_safetensors, save_safetensors
-    from ttt_jax.moshi.data import make_frames_dataset
+    from ttt_jax.moshi.convert import load_safetensors
     from ttt_jax.moshi.lm_config import MoshiLMRunConfig
 
-    preset = Path(__file__).resolve().parents[1] / "configs" / "moshi_lm_tiny.yaml"
-    run_cfg = load_config(preset)
-    base = build_ref(moshi_lm_kwargs(run_cfg.model), seed=1)
-    save_safetensors({k: v.numpy() for k, v in base.state_dict().items()},
-                     tmp_path / "moshi.safetensors")
-    assert main(["import", "--in", str(tmp_path / "moshi.safetensors"), "--config", str(preset),
-                 "--out", str(tmp_path / "base")]) == 0
-
+    preset = Path(__file__).resolve().parents[1] / "configs" / PRESET
     run_dir = tmp_path / "run"
     assert train_main(["--config", str(preset),
                        "--set", "train.steps=24", "--set", "train.eval_every=24",
                        "--set", "train.log_every=12", "--set", "train.eval_batches=1",
                        "--set", "optim.warmup_steps=4", "--set", "checkpoint.every=24",
-                       "--set", f"checkpoint.init_from={tmp_path / 'base'}",
                        "--set", f"train.run_dir={run_dir}"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if r["kind"] == "eval"]
-    # The first validation batch through moshi itself, and the fine-tuning loss in numpy.
-    cfg = run_cfg.model
-    ds = make_frames_dataset(run_cfg.data, vocab_sizes=(cfg.text_card,) + (cfg.card,) * cfg.n_q,
-                             seed=run_cfg.train.seed, split="val")
-    codes = np.swapaxes(ds.batch(0), 1, 2).astype(np.int64)
-    ref = moshi_out(base, codes)
-    want = (np_loss(ref["text_logits"], codes[:, :1], ref["text_mask"],
-                    lambda j, tok: cfg.text_padding_weight if tok in (3, 0) else 1.0)
-            + np_loss(ref["logits"], codes[:, 1:], ref["mask"],
-                      lambda j, tok: cfg.first_codebook_weight_multiplier if j == 0 else 1.0))
-    assert abs(val[0] - want) <= 1e-4, (val[0], want)
-    assert len(val) == 2 and val[-1] < val[0] - 0.3, val
+    assert len(val) == 2 and val[-1] < val[0] - 0.5, val  # 6.25 -> 5.43 nats here
     assert isinstance(load_config(run_dir / "config.yaml"), MoshiLMRunConfig)
 
     out = tmp_path / "export"
@@ -407,7 +436,7 @@ def test_import_train_export_load_in_moshi(tmp_path, train_main):
     assert ttt and all(k.startswith("transformer.layers.0.seq_modeling_block.") for k in ttt)
     cfg, params = load_lm(out)
     saved = flatten(load_run(run_dir).params)  # the export is the checkpoint, exactly
-    assert cfg == run_cfg.model
+    assert cfg == load_config(preset).model
     assert set(saved) == set(flatten(params))
     for k, v in flatten(params).items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(saved[k]), err_msg=k)
@@ -416,7 +445,7 @@ def test_import_train_export_load_in_moshi(tmp_path, train_main):
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: np.zeros_like(v) if path_str(p).endswith("o_proj/kernel") else v, params)
     codes = make_codes({"text_card": cfg.text_card, "card": cfg.card, "n_q": cfg.n_q})
-    out_ours = MoshiLM(cfg).apply({"params": params}, jnp.asarray(codes))
+    out_ours = jax.jit(MoshiLM(cfg).apply)({"params": params}, jnp.asarray(codes))
     got = {k: np.asarray(getattr(out_ours, k)) for k in ("logits", "mask", "text_logits",
                                                          "text_mask")}
     assert_matches(got, moshi_out(ref, codes))
