@@ -280,6 +280,28 @@ def test_7b_preset_is_the_published_model():
     assert cfg.temporal.ttt_layers == tuple(range(8, 24))
 
 
+def test_bfloat16_objective_traces():
+    """The compute dtype of the 7B preset (bfloat16) traces through the objective and its
+    gradient (``eval_shape``: nothing compiled); logits stay float32."""
+    from pathlib import Path
+
+    from ttt_jax import registry
+    from ttt_jax.config import apply_overrides, load_config
+
+    run_cfg = apply_overrides(load_config(Path(__file__).resolve().parents[1] / "configs" /
+                                          "moshi_lm_tiny.yaml"), ["model.dtype=bfloat16"])
+    arch = registry.of(run_cfg)
+    model = arch.build_model(run_cfg.model)
+    params = arch.param_shapes(run_cfg.model)
+    frames = arch.sample_input(run_cfg.model, 2, 9)
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, frames), params)
+    assert out.logits.dtype == out.text_logits.dtype == jnp.float32
+    assert out.logits.shape == (2, 8, 9, 16) and out.text_logits.shape == (2, 1, 9, 32)
+    grads = jax.eval_shape(jax.grad(lambda p: model.apply({"params": p}, frames, None,
+                                                          method="loss_sums")[0]), params)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
 # ---- the fine-tuning loss ---------------------------------------------------------------
 
 

@@ -83,22 +83,26 @@ MOSHI_TTT = register(Architecture(
 
 
 class MoshiLMObjective(MoshiLM, OwnObjective):
-    """``MoshiLM`` (same params) trained on the Moshi fine-tuning loss of ``lm_loss.py``."""
+    """``MoshiLM`` (same params) on frames ``[B, T, K]``, the data's layout (``MoshiLM`` itself
+    takes moshi's ``[B, K, T]``), trained on the Moshi fine-tuning loss of ``lm_loss.py``."""
+
+    def __call__(self, frames):
+        return super().__call__(jnp.swapaxes(frames, 1, 2))
 
     def loss_sums(self, tokens, mask):
         """``(text + audio loss, 1)`` of frames ``tokens [B, T, K]`` (``mask`` is unused)."""
         del mask
         cfg = self.config
         codes = jnp.swapaxes(tokens, 1, 2)  # [B, K, T], text first
-        loss, _ = moshi_lm_loss(cfg, self(codes), codes,
+        loss, _ = moshi_lm_loss(cfg, self(tokens), codes,
                                 text_padding_weight=cfg.text_padding_weight,
                                 first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier)
         return loss, jnp.ones((), jnp.float32)
 
 
-def sample_codes(cfg: MoshiLMConfig, batch: int, length: int):
-    """Zero codes of the model's input shape ``[B, K, T]``."""
-    return jnp.zeros((batch, cfg.num_codebooks, length), jnp.int32)
+def sample_frames(cfg: MoshiLMConfig, batch: int, length: int):
+    """Zero frames of the training model's input shape ``[B, T, K]``."""
+    return jnp.zeros((batch, length, cfg.num_codebooks), jnp.int32)
 
 
 def lm_vocab_sizes(cfg: MoshiLMConfig) -> tuple[int, ...]:
@@ -128,7 +132,7 @@ def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
 
 MOSHI_LM = register(Architecture(
     name="moshi_lm", run_config=MoshiLMRunConfig, build_model=MoshiLMObjective,
-    sample_input=sample_codes, build_datasets=build_lm_datasets,
+    sample_input=sample_frames, build_datasets=build_lm_datasets,
     features=frozenset({"export"}), export=export_lm,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's whole LMModel (text + audio streams, depformer) with TTT layers "
