@@ -45,11 +45,12 @@ CASES = {
         COMMON, delays=[0, 1, 0, 2], n_q=3, dep_q=2, norm="rms_norm", layer_scale=0.1,
         depformer_num_layers=1, depformer_multi_linear=False, depformer_weights_per_step=False,
         depformer_pos_emb="none", bias_proj=True, text_card_out=9),
-    # A schedule sharing weight sets (and depformer_in) between steps, per-set FFN widths.
+    # A schedule sharing weight sets (and depformer_in) between steps and skipping set 1 (which
+    # moshi still creates), per-set FFN widths.
     "schedule": dict(
         COMMON, delays=[1, 0, 1, 1], n_q=3, dep_q=3, norm="rms_norm_f32", layer_scale=None,
         depformer_num_layers=2, depformer_multi_linear=True, depformer_weights_per_step=True,
-        depformer_weights_per_step_schedule=[0, 1, 1], depformer_dim_feedforward=[40, 56],
+        depformer_weights_per_step_schedule=[0, 2, 2], depformer_dim_feedforward=[40, 48, 56],
         depformer_pos_emb="rope"),
 }
 

@@ -304,6 +304,9 @@ class MoshiLM(nn.Module):
         audio logits ``[B, dep_q, T, card]`` (still delayed)."""
         cfg = self.config
         bsz, length = h.shape[:2]
+        if self.is_initializing():  # every projection moshi has, even one the schedule skips
+            for linear in self.depformer_in:
+                linear(h[:, :1])
         steps = []
         for s in range(cfg.dep_q):
             h_in = self.depformer_in[cfg.depformer_in_index(s)](h)

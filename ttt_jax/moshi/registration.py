@@ -94,9 +94,9 @@ class MoshiLMObjective(MoshiLM, OwnObjective):
         del mask
         cfg = self.config
         codes = jnp.swapaxes(tokens, 1, 2)  # [B, K, T], text first
-        loss, _ = moshi_lm_loss(cfg, self(tokens), codes,
-                                text_padding_weight=cfg.text_padding_weight,
-                                first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier)
+        weights = dict(text_padding_weight=cfg.text_padding_weight,
+                       first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier)
+        loss, _ = moshi_lm_loss(cfg, self(tokens), codes, **weights)
         return loss, jnp.ones((), jnp.float32)
 
 
