@@ -279,6 +279,16 @@ def test_7b_preset_is_the_published_model():
                                 text_padding_weight=0.5, first_codebook_weight_multiplier=100.0)
     assert cfg == want
     assert cfg.temporal.ttt_layers == tuple(range(8, 24))
+    # What MoshiLM does not implement is refused by its LMModel key.
+    for key, value in (("depformer_norm", "rms_norm"), ("norm_emb", True),
+                       ("positional_scale", 0.5), ("depformer_low_rank_embeddings", 64),
+                       ("demux_second_text_stream", True)):
+        with pytest.raises(ValueError, match=f"{key}={value!r} is not supported"):
+            from_moshi_lm_kwargs({**loaders._lm_kwargs, key: value})
+    with pytest.raises(ValueError, match=r"not understood by MoshiLM: \['bogus'\]"):
+        from_moshi_lm_kwargs({**loaders._lm_kwargs, "bogus": 1})
+    with pytest.raises(ValueError, match="transformer.norm='layer_norm' is invalid"):
+        from_moshi_lm_kwargs({**loaders._lm_kwargs, "norm": "layer_norm"})
 
 
 def test_bfloat16_objective_traces():

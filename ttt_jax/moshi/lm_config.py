@@ -272,13 +272,13 @@ _IGNORED = {"causal", "quantize", "device", "dtype", "gradient_checkpointing", "
             "lora_rank", "lora_scaling", "depformer_causal", "depformer_context",
             "model_id", "model_type", "lm_gen_config", "stt_config", "tokenizer_name",
             "moshi_name", "mimi_name"}
-# Keyword arguments that must keep moshi's default: we do not implement another value.
-_FIXED = {"norm_emb": False, "demux_second_text_stream": False, "demux_second_stream": False,
-          "depformer_low_rank_embeddings": None, "depformer_norm": None,
-          "extra_heads_num_heads": 0,
-          "condition_provider": None, "fuser": None, "conditioners": None,
-          "cross_attention": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
-          "positional_scale": 1.0, "depformer_positional_scale": 1.0}
+# Keyword arguments we do not implement: only these values (moshi's defaults) are accepted.
+_FIXED = {"norm_emb": (False,), "demux_second_text_stream": (False,),
+          "demux_second_stream": (False,), "depformer_low_rank_embeddings": (None,),
+          "depformer_norm": (None,), "extra_heads_num_heads": (0,),
+          "condition_provider": (None,), "fuser": (None, {}), "conditioners": (None, {}),
+          "cross_attention": (False,), "kv_repeat": (1,), "depformer_kv_repeat": (1,),
+          "positional_scale": (1.0,), "depformer_positional_scale": (1.0,)}
 
 
 def from_moshi_lm_kwargs(kwargs: Mapping[str, Any], ttt: TTTArgs = TTTArgs(),
@@ -287,10 +287,12 @@ def from_moshi_lm_kwargs(kwargs: Mapping[str, Any], ttt: TTTArgs = TTTArgs(),
     a value we do not implement is refused naming its key. ``overrides``: our own fields
     (``init_std``, ``dtype``)."""
     kw = dict(kwargs)
-    for key, default in _FIXED.items():
-        if key in kw and kw[key] not in (default, None, {}, [], 0, False):
+    for key, allowed in _FIXED.items():
+        if key in kw and not any(kw[key] == a and type(kw[key]) is type(a) or
+                                 isinstance(a, float) and isinstance(kw[key], int) and
+                                 kw[key] == a for a in allowed):
             raise ValueError(f"{key}={kw[key]!r} is not supported by MoshiLM: expected "
-                             f"{default!r}")
+                             f"{' or '.join(repr(a) for a in allowed)}")
     known = {"delays", "n_q", "dep_q", "card", "text_card", "text_card_out", "dim",
              "num_heads", "num_layers", "hidden_scale", "context", "max_period", "norm",
              "layer_scale", "gating", "positional_embedding", "bias_proj",
