@@ -11,6 +11,14 @@ vocabulary needs it), documents separated by the tokenizer's end-of-document id 
 --separator), meta.json and a copy of the tokenizer. A document goes to val by a hash of its
 text (--val-fraction, --seed). The output appears only when complete; an existing DIR needs
 --force. python -m ttt_jax.prepare is the same command.
+
+  ttt-jax prepare --audio INPUT... --out DIR (--mimi-weights FILE | --mimi-random-init SEED)
+      [--codebooks 8] [--device cpu] [--force]
+
+With --audio, INPUT is .wav/.flac/.mp3/.ogg files, directories or globs; each file becomes
+Mimi codes [K, T] at 12.5 Hz in DIR/NNNNN.npy (mono, resampled to 24 kHz, encoded in streaming
+mode) with meta.json, which data.source: codebooks trains on. Mimi's weights come from
+--mimi-weights (nothing is downloaded); --mimi-random-init builds it with random weights.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text/.jsonl/.jsonl.gz/.parquet files, directories, globs or a saved "
                         "Hugging Face dataset")
-    p.add_argument("--tokenizer", required=True,
-                   help="'bytes', a Hugging Face tokenizer.json, or a SentencePiece .model")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bytes', a Hugging Face tokenizer.json, or a SentencePiece .model "
+                        "(required for text)")
     p.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
     p.add_argument("--field", default="text", help="the text field of .jsonl/.parquet/datasets")
     p.add_argument("--text-unit", default="file", choices=("file", "paragraph", "line"),
@@ -40,10 +49,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    audio = p.add_argument_group("audio (--audio)")
+    audio.add_argument("--audio", action="store_true",
+                       help="the inputs are audio files: write Mimi codes instead of token ids")
+    audio.add_argument("--mimi-weights", default=None, metavar="FILE",
+                       help="Mimi's weights (.safetensors)")
+    audio.add_argument("--mimi-random-init", type=int, default=None, metavar="SEED",
+                       help="Mimi with random weights from this seed (tests, dry runs)")
+    audio.add_argument("--codebooks", type=int, default=8, help="Mimi codebooks kept (K)")
+    audio.add_argument("--device", default="cpu", help="torch device for Mimi (cpu, cuda)")
+
+
+def run_audio(args: argparse.Namespace) -> int:
+    from ttt_jax.prepare.audio import AudioOptions, prepare_audio
+
+    meta = prepare_audio(AudioOptions(
+        inputs=tuple(args.inputs), out=args.out, mimi_weights=args.mimi_weights,
+        mimi_random_init=args.mimi_random_init, codebooks=args.codebooks, device=args.device,
+        force=args.force, progress=not args.quiet))
+    frames = sum(f["frames"] for f in meta["files"])
+    print(f"{args.out}: {len(meta['files'])} files, {meta['seconds'] / 3600:,.3f} h of audio, "
+          f"{frames:,} frames of {meta['codebooks']} codebooks at {meta['frame_rate']} Hz")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from ttt_jax.errors import UsageError
     from ttt_jax.prepare import PrepareOptions, prepare
+
+    if args.audio:
+        return run_audio(args)
+    if args.tokenizer is None:
+        raise UsageError("--tokenizer is required for text inputs: 'bytes', a tokenizer.json "
+                         "or a SentencePiece .model (or pass --audio for audio files)")
 
     meta = prepare(PrepareOptions(
         inputs=tuple(args.inputs), out=args.out, tokenizer=args.tokenizer, field=args.field,
