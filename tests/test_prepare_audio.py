@@ -137,3 +137,39 @@ def test_errors_are_one_line_naming_the_file_or_flag(recordings, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_text_stream_places_words_at_the_frame_rate():
+    # bytes tokenizer: "hi" -> [104, 105], "ok" -> [111, 107]; 1.6 s -> 20 frames at 12.5 Hz.
+    words = [("ok", (1.0, 1.05), "SPEAKER_MAIN"), ("hi", (0.0, 0.3), "SPEAKER_MAIN"),
+             ("you", (0.5, 0.9), "OTHER"), ("gone", (0.7, 0.7), "SPEAKER_MAIN")]
+    got = audio.text_stream(words, 20, lambda w: list(w.encode()))
+    # "hi" starts in frame 0: its tokens fill frames 0-1; "you" is another speaker's and
+    # "gone" has no duration; "ok" starts at 1.0 s = frame 12.5, so in frame 12 (the first
+    # ending after it), and the padding frame before it becomes end-of-padding (0).
+    pad = 3
+    want = [104, 105] + [pad] * 9 + [0, 111, 107] + [pad] * 6
+    assert got.tolist() == want
+
+
+def test_text_row_from_timestamp_files(recordings, tmp_path, capsys):
+    d, _ = recordings
+    src = tmp_path / "in"
+    src.mkdir()
+    import shutil
+
+    shutil.copy(d / "c_sweep24k.wav", src / "talk.wav")  # 0.45 s: 6 frames
+    (src / "talk.json").write_text(json.dumps(
+        {"alignments": [["yo", [0.1, 0.3], "SPEAKER_MAIN"]]}))
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--audio", str(src), "--mimi-random-init", "0", "--codebooks",
+                     "2", "--text-tokenizer", "bytes", "--out", str(out), "--quiet"]) == 0
+    codes = np.load(out / "00000.npy")
+    assert codes.shape == (3, 6)
+    assert codes[0].tolist() == [0, 121, 111, 3, 3, 3]  # "yo" from frame 1 (0.1 s = 1.25)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["text"]["row"] == 0 and meta["text"]["padding"] == 3
+    (src / "talk.json").unlink()
+    assert cli_main(["prepare", "--audio", str(src), "--mimi-random-init", "0",
+                     "--text-tokenizer", "bytes", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "talk.json' does not exist" in capsys.readouterr().err

@@ -17,7 +17,8 @@ text (--val-fraction, --seed). The output appears only when complete; an existin
 
 With --audio, INPUT is .wav/.flac/.mp3/.ogg files, directories or globs; each file becomes
 Mimi codes [K, T] at 12.5 Hz in DIR/NNNNN.npy (mono, resampled to 24 kHz, encoded in streaming
-mode) with meta.json, which data.source: codebooks trains on. Mimi's weights come from
+mode) with meta.json, which data.source: codebooks trains on; --text-tokenizer adds the text
+stream of each file's FILE.json word timestamps as row 0. Mimi's weights come from
 --mimi-weights (nothing is downloaded); --mimi-random-init builds it with random weights.
 """
 
@@ -58,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="Mimi with random weights from this seed (tests, dry runs)")
     audio.add_argument("--codebooks", type=int, default=8, help="Mimi codebooks kept (K)")
     audio.add_argument("--device", default="cpu", help="torch device for Mimi (cpu, cuda)")
+    audio.add_argument("--text-tokenizer", default=None, metavar="TOKENIZER",
+                       help="add the text stream (row 0) from each file's FILE.json word "
+                            "timestamps, tokenized with this (Moshi's SentencePiece .model)")
+    audio.add_argument("--main-speaker", default="SPEAKER_MAIN",
+                       help="the speaker label whose words go on the text stream")
 
 
 def run_audio(args: argparse.Namespace) -> int:
@@ -66,7 +72,8 @@ def run_audio(args: argparse.Namespace) -> int:
     meta = prepare_audio(AudioOptions(
         inputs=tuple(args.inputs), out=args.out, mimi_weights=args.mimi_weights,
         mimi_random_init=args.mimi_random_init, codebooks=args.codebooks, device=args.device,
-        force=args.force, progress=not args.quiet))
+        force=args.force, progress=not args.quiet, text_tokenizer=args.text_tokenizer,
+        main_speaker=args.main_speaker))
     frames = sum(f["frames"] for f in meta["files"])
     print(f"{args.out}: {len(meta['files'])} files, {meta['seconds'] / 3600:,.3f} h of audio, "
           f"{frames:,} frames of {meta['codebooks']} codebooks at {meta['frame_rate']} Hz")

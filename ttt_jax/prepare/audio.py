@@ -13,6 +13,14 @@ weights and their sha256, and per file its path, frames and seconds): it is what
 ``data.source: codebooks`` with ``data.path: DIR`` trains on. Like the text prepare, it is
 written to a hidden sibling and renamed into place when complete.
 
+With ``--text-tokenizer`` (Moshi's SentencePiece ``.model``, or any tokenizer ``prepare``
+takes), each file's word timestamps, ``FILE.json`` beside it (``{"alignments": [[word, [start,
+end], speaker], ...]}``, the Moshi fine-tuning format), become a text stream on the first row,
+``[1 + K, T]``, placed at the frame rate as Moshi's fine-tuning data has it
+(``text_stream``): every frame starts as the padding id (3), a word's tokens go one per frame
+from the first frame ending after its start, the padding frame just before them becomes the
+end-of-padding id (0), and only the main speaker's words are kept.
+
 Mimi's weights come from ``--mimi-weights FILE`` (the published ``.safetensors``); nothing is
 downloaded. ``--mimi-random-init SEED`` builds Mimi from the package's own configuration with
 seeded random weights instead: codes with the right shapes and rates, for tests and dry runs.
@@ -43,6 +51,11 @@ READ_BLOCK = 1 << 18
 ENCODE_FRAMES = 125  # 10 s of audio per Mimi call
 FORMAT = "ttt-jax-audio-codes"
 SILENCE = 1e-4  # a file whose peak amplitude stays below this is refused as silent
+# Moshi's text stream: the padding id and the end-of-padding id (LMModel's
+# existing_text_padding_id / existing_text_end_padding_id), and the main speaker's label.
+TEXT_PADDING = 3
+TEXT_END_OF_PADDING = 0
+MAIN_SPEAKER = "SPEAKER_MAIN"
 _INSTALL = "pip install 'ttt-jax[audio]' (soundfile, soxr, torch, moshi)"
 
 
@@ -69,6 +82,8 @@ class AudioOptions:
     device: str = "cpu"
     force: bool = False
     progress: bool = True
+    text_tokenizer: Optional[str] = None
+    main_speaker: str = MAIN_SPEAKER
 
 
 def _need(module: str):
@@ -200,6 +215,52 @@ def encode_file(mimi, path: Path, on_seconds=None) -> tuple[np.ndarray, float]:
     return np.concatenate(parts, axis=1), samples / SAMPLE_RATE
 
 
+def text_stream(alignments, frames: int, encode, *, frame_rate: float = FRAME_RATE,
+                padding: int = TEXT_PADDING, end_of_padding: int = TEXT_END_OF_PADDING,
+                main_speaker: str = MAIN_SPEAKER) -> np.ndarray:
+    """The text row ``[frames]`` of a file's word timestamps (module docstring).
+
+    Args:
+      alignments: ``[(word, (start, end), speaker), ...]`` in seconds.
+      frames: ``T``, the audio's frame count.
+      encode: ``str -> list[int]``, the text tokenizer (each word encoded on its own).
+    """
+    words = sorted(((w, (float(a), float(b)), spk) for w, (a, b), spk in alignments),
+                   key=lambda x: x[1][0])
+    words = [(encode(w.strip()), ts) for w, ts, spk in words if spk == main_speaker
+             and ts[0] < ts[1]]
+    out = np.full(frames, padding, np.int64)
+    queue: list[int] = []
+    i = 0
+    for t in range(frames):  # frames inside a word after its tokens stay padding
+        while i < len(words) and words[i][1][0] * frame_rate < t + 1:
+            queue = list(words[i][0])  # a later word replaces what is left of an earlier one
+            i += 1
+        if queue:
+            if t > 0 and out[t - 1] == padding:
+                out[t - 1] = end_of_padding
+            out[t] = queue.pop(0)
+    return out
+
+
+def read_alignments(path: Path):
+    """The word timestamps of an audio file: ``alignments`` of ``FILE.json`` beside it."""
+    info = path.with_suffix(".json")
+    if not info.is_file():
+        raise FileNotFoundError(f"{str(info)!r} does not exist: --text-tokenizer needs the word "
+                                f"timestamps of every audio file ({{\"alignments\": [[word, "
+                                f"[start, end], speaker], ...]}})")
+    try:
+        data = json.loads(info.read_text())
+        out = [(str(w), (float(ts[0]), float(ts[1])), str(spk))
+               for w, ts, spk in data["alignments"]]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{str(info)!r} is not a word-timestamp file: expected {{\"alignments\":"
+                         f" [[word, [start, end], speaker], ...]}} ({type(e).__name__}: {e})") \
+            from None
+    return out
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -246,6 +307,13 @@ def prepare_audio(opts: AudioOptions, stream=None) -> dict:
     if out.exists() and not opts.force:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --force to replace it")
     files = audio_files(opts.inputs)
+    tokenizer = None
+    if opts.text_tokenizer is not None:
+        from ttt_jax.prepare.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(opts.text_tokenizer)
+        for path in files:  # every timestamp file is checked before any audio is encoded
+            read_alignments(path)
     mimi = load_mimi(opts.mimi_weights, opts.mimi_random_init, opts.codebooks, opts.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -256,6 +324,13 @@ def prepare_audio(opts: AudioOptions, stream=None) -> dict:
     try:
         for i, path in enumerate(files):
             codes, seconds = encode_file(mimi, path, lambda s: progress.update(s, total))
+            if tokenizer is not None:
+                text = text_stream(read_alignments(path), codes.shape[1], tokenizer.encode,
+                                   main_speaker=opts.main_speaker)
+                if text.max(initial=0) >= 1 << 16:
+                    raise ValueError(f"--text-tokenizer {opts.text_tokenizer!r} gives ids "
+                                     f"beyond uint16 for {str(path)!r}")
+                codes = np.concatenate([text[None].astype(np.uint16), codes])
             name = f"{i:05d}.npy"
             np.save(tmp / name, codes)
             records.append({"file": name, "path": str(path.resolve()),
@@ -272,6 +347,9 @@ def prepare_audio(opts: AudioOptions, stream=None) -> dict:
                       "sha256": _sha256(Path(opts.mimi_weights))}
                      if opts.mimi_weights else {"random_init": opts.mimi_random_init}),
             "files": records, "seconds": total,
+            "text": ({"tokenizer": tokenizer.describe(), "sha256": tokenizer.sha256,
+                      "padding": TEXT_PADDING, "end_of_padding": TEXT_END_OF_PADDING,
+                      "main_speaker": opts.main_speaker, "row": 0} if tokenizer else None),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
