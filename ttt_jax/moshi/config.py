@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar, Literal, Optional, get_args
 
+from ttt_jax.nn.lora import LoRAConfig
 from ttt_jax.config.run import check_run_sections
 from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, RopeLayout, TTTConfig,
                             TTTLayerType, TrainConfig, _check_bools, _check_choice,
@@ -263,6 +264,8 @@ class MoshiTTTConfig:
         2048, ...]`` for text plus audio codebooks); one embedding and one output head each.
       init_std: std of the normal initialiser of embeddings, projections and heads.
       dtype: compute dtype of the backbone (params stay float32; TTT math runs in float32).
+      lora: low-rank adapters on the backbone's attention and FFN projections
+        (``ttt_jax.nn.lora``; off by default), merged into the weights on export.
     """
 
     transformer: MoshiTransformerConfig
@@ -270,12 +273,15 @@ class MoshiTTTConfig:
     vocab_sizes: tuple[int, ...] = (256,)
     init_std: float = 0.02
     dtype: DType = "float32"
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         if not isinstance(self.transformer, MoshiTransformerConfig):
             _fail("model", "transformer", self.transformer, "a MoshiTransformerConfig")
         if not isinstance(self.ttt, TTTArgs):
             _fail("model", "ttt", self.ttt, "a TTTArgs")
+        if not isinstance(self.lora, LoRAConfig):
+            _fail("model", "lora", self.lora, "a LoRAConfig")
         if not isinstance(self.vocab_sizes, tuple) or not self.vocab_sizes or any(
                 isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.vocab_sizes):
             _fail("model", "vocab_sizes", self.vocab_sizes, "a non-empty list of positive integers")

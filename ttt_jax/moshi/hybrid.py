@@ -88,9 +88,9 @@ class HybridLayer(nn.Module):
     def setup(self):
         t, dtype = self.config.transformer, jnp.dtype(self.config.dtype)
         self.norm1 = make_norm(t)
-        self.self_attn = MoshiAttention(t, dtype)
+        self.self_attn = MoshiAttention(t, dtype, lora=self.config.lora)
         self.norm2 = make_norm(t)
-        self.gating = MoshiGating(t, dtype)
+        self.gating = MoshiGating(t, dtype, lora=self.config.lora)
         if t.layer_scale is not None:
             self.layer_scale_1 = LayerScale(t.layer_scale)
             self.layer_scale_2 = LayerScale(t.layer_scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping, Optional, get_args
 
+from ttt_jax.nn.lora import LoRAConfig
 from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, TrainConfig,
                             _check_bools, _check_choice, _check_int, _check_positive, _fail)
 from ttt_jax.config.run import check_run_sections
@@ -112,6 +113,8 @@ class MoshiLMConfig:
         (``lm_loss.py``); not an ``LMModel`` argument.
       first_codebook_weight_multiplier: the fine-tuning loss's weight of the first audio
         codebook; not an ``LMModel`` argument.
+      lora: low-rank adapters on the temporal transformer's attention and FFN projections
+        (``ttt_jax.nn.lora``); merged into the weights on export.
     """
 
     transformer: MoshiTransformerConfig
@@ -130,6 +133,7 @@ class MoshiLMConfig:
     dtype: DType = "float32"
     text_padding_weight: float = 0.5
     first_codebook_weight_multiplier: float = 1.0
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         s = "model"
@@ -183,7 +187,7 @@ class MoshiLMConfig:
         """The temporal transformer as a Moshi-TTT model config (backbone + graft)."""
         return MoshiTTTConfig(transformer=self.transformer, ttt=self.ttt,
                               vocab_sizes=(self.text_card + 1,), init_std=self.init_std,
-                              dtype=self.dtype)
+                              dtype=self.dtype, lora=self.lora)
 
     @property
     def depformer_weight_sets(self) -> int:

@@ -16,6 +16,8 @@ micro-batches). Its export writes ``LMModel`` state-dict files (``lm_convert.sav
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
@@ -24,19 +26,23 @@ from ttt_jax.moshi.hybrid import MoshiTTTLM
 from ttt_jax.moshi.lm import MoshiLM
 from ttt_jax.moshi.lm_config import MoshiLMConfig, MoshiLMRunConfig
 from ttt_jax.moshi.lm_loss import moshi_lm_loss
+from ttt_jax.nn.lora import LoRAConfig, is_lora_path, merge
 from ttt_jax.registry import Architecture, register
 from ttt_jax.training import OwnObjective
 
-GROUPS = ("backbone", "ttt", "alpha")
+GROUPS = ("backbone", "ttt", "alpha", "lora")
 
 
 def param_group(path: str) -> str:
-    """``alpha``, ``ttt`` or ``backbone`` for an ``a/b/c`` param path."""
+    """``alpha``, ``ttt``, ``lora`` (an adapter's ``lora_a`` / ``lora_b``) or ``backbone``
+    for an ``a/b/c`` param path."""
     parts = path.split("/")
     if "forward_ssm_gating" in parts:
         return "alpha"
     if "seq_modeling_block" in parts:
         return "ttt"
+    if is_lora_path(path):
+        return "lora"
     return "backbone"
 
 
@@ -54,11 +60,24 @@ def build_datasets(cfg: MoshiRunConfig):
 
 def lr_scales(cfg: MoshiRunConfig) -> dict[str, float]:
     ttt = cfg.model.ttt
-    return {"backbone": 1.0, "ttt": ttt.weight_lr_multiplier, "alpha": ttt.alpha_lr_multiplier}
+    return {"backbone": 1.0, "ttt": ttt.weight_lr_multiplier, "alpha": ttt.alpha_lr_multiplier,
+            "lora": 1.0}
 
 
 def frozen_groups(cfg: MoshiRunConfig) -> tuple[str, ...]:
-    return ("backbone",) if cfg.model.ttt.freeze_backbone else ()
+    """The backbone with ``ttt.freeze_backbone``, or with LoRA on and ``lora.freeze_base``
+    (then the adapters, the TTT layers and their alphas train)."""
+    lora = cfg.model.lora
+    frozen = cfg.model.ttt.freeze_backbone or (lora.enable and lora.freeze_base)
+    return ("backbone",) if frozen else ()
+
+
+def without_lora(cfg, params):
+    """``(model config, params)`` for export: adapters merged into their kernels and LoRA off
+    in the config (the exported model is the plain one computing the same function)."""
+    if not cfg.lora.enable:
+        return cfg, params
+    return dataclasses.replace(cfg, lora=LoRAConfig()), merge(params, cfg.lora.scaling)
 
 
 def export_torch(cfg: MoshiRunConfig, params, out, *, dtype=None, force=False,
@@ -69,7 +88,7 @@ def export_torch(cfg: MoshiRunConfig, params, out, *, dtype=None, force=False,
     del allow_inexact, key  # the export is exact
     if dtype not in (None, "float32"):
         raise ValueError(f"--dtype {dtype} is invalid: a moshi_ttt export is float32")
-    save_torch(cfg.model, params, out, force=force)
+    save_torch(*without_lora(cfg.model, params), out, force=force)
     return f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
 
 
@@ -125,7 +144,7 @@ def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
     del allow_inexact, key  # the export is exact
     if dtype not in (None, "float32"):
         raise ValueError(f"--dtype {dtype} is invalid: a moshi_lm export is float32")
-    save_lm(cfg.model, params, out, force=force)
+    save_lm(*without_lora(cfg.model, params), out, force=force)
     ttt = f", {out / TTT_NAME}" if cfg.model.temporal.ttt_layers else ""
     return f"wrote {out / MODEL_NAME}{ttt} and {out / CONFIG_NAME}"
 

@@ -17,12 +17,13 @@ Facts taken from ``moshi.modules.transformer`` (moshi 0.2.13), which the parity 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.nn.lora import LoRAConfig, dense
 from ttt_jax.math.rope import inv_frequencies, rotate
 from ttt_jax.moshi.config import MoshiTransformerConfig
 
@@ -79,12 +80,16 @@ class MoshiAttention(nn.Module):
 
     config: MoshiTransformerConfig
     dtype: Any = jnp.float32
+    lora: Optional[LoRAConfig] = None
 
     def setup(self):
         d = self.config.d_model
         init = nn.initializers.normal(0.02)
-        self.in_proj = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, kernel_init=init)
-        self.out_proj = nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=init)
+        where = "/".join(self.path)
+        self.in_proj = dense(3 * d, self.lora, where, name="in_proj", dtype=self.dtype,
+                             kernel_init=init)
+        self.out_proj = dense(d, self.lora, where, name="out_proj", dtype=self.dtype,
+                              kernel_init=init)
 
     def _qkv(self, x, positions):
         cfg = self.config
@@ -146,16 +151,17 @@ class MoshiGating(nn.Module):
 
     config: MoshiTransformerConfig
     dtype: Any = jnp.float32
+    lora: Optional[LoRAConfig] = None
 
     @nn.compact
     def __call__(self, x):
         cfg, init = self.config, nn.initializers.normal(0.02)
-        hidden = cfg.hidden_size
-        h = nn.Dense(2 * hidden, use_bias=False, dtype=self.dtype, kernel_init=init,
-                     name="linear_in")(x)
+        hidden, where = cfg.hidden_size, "/".join(self.path)
+        h = dense(2 * hidden, self.lora, where, name="linear_in", dtype=self.dtype,
+                  kernel_init=init)(x)
         h = nn.silu(h[..., :hidden]) * h[..., hidden:]
-        return nn.Dense(cfg.d_model, use_bias=False, dtype=self.dtype, kernel_init=init,
-                        name="linear_out")(h)
+        return dense(cfg.d_model, self.lora, where, name="linear_out", dtype=self.dtype,
+                     kernel_init=init)(h)
 
 
 class LayerScale(nn.Module):
