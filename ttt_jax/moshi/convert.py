@@ -26,6 +26,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ttt_jax.moshi.config import MoshiTTTConfig
+from ttt_jax.nn.lora import is_lora_path
 
 # layout -> (ours -> torch, torch -> ours).
 LAYOUTS = {
@@ -199,7 +200,15 @@ def rules_from_state(rules: list[Rule], arrays: Mapping[str, Any], target: Mappi
             continue
         x = LAYOUTS[r.layout][1](x)
         flat[r.flax] = jnp.asarray(x, flat[r.flax].dtype)
+    # Params no rule fills: LoRA adapters are new (kept at the target's values, like a graft's
+    # TTT layers); anything else means the rules do not cover the model.
+    covered = {r.flax for r in rules}
+    uncovered = sorted("/".join(k) for k in flat if k not in covered)
+    kept += [k for k in uncovered if is_lora_path(k)]
+    unfilled = [k for k in uncovered if not is_lora_path(k)]
     problems = []
+    if unfilled:
+        problems.append(f"no key of the state dict fills the params {unfilled[:20]}")
     if missing:
         problems.append(f"state dict lacks {len(missing)} keys for this config, e.g. "
                         f"{missing[:20]} (with TTT layers grafted onto a plain Moshi backbone, "
