@@ -17,6 +17,7 @@ written, and import refuses non-zero ones), ``ttt_layer.ttt.post_norm.{weight,bi
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -240,6 +241,19 @@ def _numpy(x):
     if type(x).__module__.startswith("torch"):  # a torch tensor
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
+
+
+def read_export_config(directory: str | Path, block: str, writer: str, version: int) -> dict:
+    """The ``block`` entry of ``DIRECTORY/config.json`` written by ``writer``; errors name the
+    file (absent, or without that block in format version ``version``)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected a directory written by "
+                                f"{writer}")
+    meta = json.loads(path.read_text()).get(block)
+    if not meta or meta.get("format_version") != version:
+        raise ValueError(f"{path} has no {block} block of format version {version}")
+    return meta
 
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str | Path) -> None:

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from ttt_jax import registry
 from ttt_jax.config import from_dict, to_dict
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
-from ttt_jax.moshi.convert import (from_state_dict, load_safetensors, save_safetensors,
-                                   to_state_dict)
+from ttt_jax.moshi.convert import (from_state_dict, load_safetensors, read_export_config,
+                                   save_safetensors, to_state_dict)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,13 +66,7 @@ def save_torch(cfg: MoshiTTTConfig, params: Mapping, out_dir: str | Path, *,
 def load_torch(in_dir: str | Path) -> tuple[MoshiTTTConfig, dict]:
     """``(config, params)`` from a ``save_torch`` directory (strict keys and shapes)."""
     d = Path(in_dir)
-    if not (d / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{d / CONFIG_NAME} does not exist: expected a directory written "
-                                f"by save_torch")
-    meta = json.loads((d / CONFIG_NAME).read_text()).get("ttt_jax_moshi")
-    if not meta or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d / CONFIG_NAME} has no ttt_jax_moshi block of format version "
-                         f"{FORMAT_VERSION}")
+    meta = read_export_config(d, "ttt_jax_moshi", "save_torch", FORMAT_VERSION)
     cfg = from_dict(MoshiTTTConfig, meta["config"], "model")
     target = registry.get("moshi_ttt").param_shapes(cfg)
     target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target)

@@ -33,8 +33,8 @@ import numpy as np
 
 from ttt_jax.config import from_dict, to_dict
 from ttt_jax.moshi.convert import (LEGACY_SUFFIXES, Rule, _numpy, load_safetensors,
-                                   rules_from_state, rules_to_state, save_safetensors,
-                                   transformer_rules)
+                                   read_export_config, rules_from_state, rules_to_state,
+                                   save_safetensors, transformer_rules)
 from ttt_jax.moshi.lm_config import MoshiLMConfig, moshi_lm_kwargs
 
 MODEL_NAME = "model.safetensors"
@@ -184,13 +184,7 @@ def load_lm(in_dir: str | Path, target: Optional[Mapping] = None) -> tuple[Moshi
     from ttt_jax.moshi.lm import MoshiLM
 
     d = Path(in_dir)
-    if not (d / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{d / CONFIG_NAME} does not exist: expected a directory "
-                                f"written by save_lm")
-    meta = json.loads((d / CONFIG_NAME).read_text()).get("ttt_jax")
-    if not meta or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d / CONFIG_NAME} has no ttt_jax block of format version "
-                         f"{FORMAT_VERSION}")
+    meta = read_export_config(d, "ttt_jax", "save_lm", FORMAT_VERSION)
     cfg = from_dict(MoshiLMConfig, meta["config"], "model")
     if target is None:
         codes = jnp.zeros((1, cfg.num_codebooks, 2), jnp.int32)
