@@ -11,6 +11,13 @@ read the JSON it writes.
       (data=8) and on one device, then trained on. Writes OUT_DIR/meshes.json and the
       single-device params after step 3 to OUT_DIR/params_step3.npz.
 
+  python tests/sharding_worker.py moshi OUT_DIR
+      8 devices, one process. A scaled-down MoshiLM (architecture moshi_lm: 2 temporal layers
+      of width 32 with a TTT layer, a depformer, text + 2 audio streams), 3 AdamW steps on one
+      device (remat none) and, with model.remat=layer, on meshes (fsdp=8), (fsdp=2, tensor=4),
+      (tensor=8); a checkpoint saved on (fsdp=8) after step 2 restored on (tensor=8) and on
+      one device, then step 3. Writes OUT_DIR/moshi.json.
+
   python tests/sharding_worker.py train RUN_DIR OUT_JSON
       ``train.py`` on the same config with mesh (data=2, fsdp=4) for 3 steps; started once per
       process with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, so
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -151,6 +159,110 @@ def run_meshes(out_dir: Path) -> None:
     (out_dir / "meshes.json").write_text(json.dumps(result, indent=1))
 
 
+MOSHI_STEPS, MOSHI_SAVE_AT = 3, 2
+MOSHI_OVERRIDES = [
+    "model.transformer.d_model=32", "model.transformer.num_heads=4",
+    "model.transformer.num_layers=2", "model.transformer.dim_feedforward=64",
+    "model.depformer.weights_per_step=false", "model.depformer.multi_linear=false",
+    "model.transformer.context=8", "model.ttt.layers='1'", "model.ttt.mini_batch_size=4",
+    "model.depformer.d_model=16", "model.depformer.num_heads=2", "model.depformer.num_layers=1",
+    "model.depformer.dim_feedforward=[32]", "model.n_q=2", "model.dep_q=2", "model.card=8",
+    "model.text_card=16", "model.delays=[0, 0, 1]",
+    "data.source=synthetic", "data.seq_len=7", "data.batch_size=8",
+    "optim.learning_rate=0.01", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
+    "optim.eps=0.001", f"train.steps={MOSHI_STEPS}",
+]
+# (fsdp, tensor) sizes; data is 1 throughout.
+MOSHI_MESHES = {"fsdp8": dict(data=1, fsdp=8), "fsdp2_tensor4": dict(data=1, fsdp=2, tensor=4),
+                "tensor8": dict(data=1, tensor=8)}
+
+
+def moshi_config(*extra: str):
+    from ttt_jax.cli.presets import load
+
+    return load("moshi_lm_tiny", MOSHI_OVERRIDES + list(extra))
+
+
+def run_moshi(out_dir: Path) -> None:
+    import jax
+    import numpy as np
+
+    from ttt_jax import training
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.config import MeshConfig
+    from ttt_jax.registry import of
+    from ttt_jax.sharding import Layout
+    from ttt_jax.trainer import _micro_batches
+    from ttt_jax.tree import flatten
+
+    cfg = moshi_config()
+    arch = of(cfg)
+    train_ds, _ = arch.build_datasets(cfg)
+    optimizer = arch.make_optimizer(cfg)
+    host_init = jax.device_get(jax.jit(lambda k: arch.init_state(cfg, optimizer, k))(
+        jax.random.PRNGKey(cfg.train.seed)))
+    rcfg = moshi_config("model.remat=layer")
+
+    setups = {"single": dict(
+        place=lambda s: jax.device_put(s, jax.devices()[0]),
+        step=jax.jit(training.make_train_step(arch.build_model(cfg.model), optimizer),
+                     donate_argnums=0),
+        batch=lambda i: _micro_batches(train_ds, i, 1))}
+    step_fn = training.make_train_step(arch.build_model(rcfg.model), optimizer)
+    for name, mesh in MOSHI_MESHES.items():
+        layout = Layout.from_config(dataclasses.replace(rcfg, mesh=MeshConfig(**mesh)))
+        setups[name] = dict(place=layout.place_state, layout=layout,
+                            batch=lambda i, lay=layout: lay.train_batch(train_ds, i, 1))
+        setups[name]["step"] = layout.jit_train_step(step_fn, layout.place_state(host_init))
+
+    result = {"devices": jax.device_count(), "runs": {}, "restores": {}, "seconds": {}}
+    finals, saved = {}, None
+    ckpt_dir = out_dir / "moshi_ckpt"
+    for name, s in setups.items():
+        state = s["place"](host_init)
+        run = {"param_specs": specs(state.params), "opt_specs": specs(state.opt_state),
+               "losses": []}
+        if "layout" in s:
+            run["mesh_shape"] = dict(s["layout"].mesh.shape)
+        start = time.time()
+        for i in range(MOSHI_STEPS):
+            state, metrics = s["step"](state, *s["batch"](i))
+            run["losses"].append(float(metrics["loss"]))
+            if i == 0:
+                result["seconds"][name] = time.time() - start
+            if i + 1 == MOSHI_SAVE_AT and name == "fsdp8":
+                ckpt = Checkpointer(ckpt_dir, every=1000, keep=2)
+                ckpt.save(state, rcfg, force=True)
+                ckpt.close()
+                saved = flatten(jax.device_get(state.params))
+        run["specs_after_training"] = specs(state.params)
+        finals[name] = flatten(jax.device_get(state.params))
+        result["runs"][name] = run
+    for name in setups:
+        result["runs"][name]["max_param_diff_vs_single"] = max(
+            float(np.max(np.abs(np.asarray(finals[name][k]) - np.asarray(v))))
+            for k, v in finals["single"].items())
+
+    for name in ("tensor8", "single"):
+        s = setups[name]
+        ckpt = Checkpointer(ckpt_dir, every=1000, keep=2)
+        state, meta = ckpt.restore_latest(s["place"](host_init), log=lambda msg: None)
+        ckpt.close()
+        restored = flatten(jax.device_get(state.params))
+        entry = {"step": int(state.step), "param_specs": specs(state.params),
+                 "max_abs_diff": max(float(np.max(np.abs(np.asarray(restored[k]) - saved[k])))
+                                     for k in saved), "losses": []}
+        for i in range(MOSHI_SAVE_AT, MOSHI_STEPS):
+            state, metrics = s["step"](state, *s["batch"](i))
+            entry["losses"].append(float(metrics["loss"]))
+        final = flatten(jax.device_get(state.params))
+        entry["max_param_diff_vs_single"] = max(
+            float(np.max(np.abs(np.asarray(final[k]) - np.asarray(v))))
+            for k, v in finals["single"].items())
+        result["restores"][name] = entry
+    (out_dir / "moshi.json").write_text(json.dumps(result, indent=1))
+
+
 def run_train(run_dir: Path, out_json: Path) -> None:
     """``train.py``'s ``main`` on this process, recording which batch rows it read."""
     import importlib.util
@@ -190,7 +302,9 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "meshes":
         run_meshes(Path(sys.argv[2]))
+    elif mode == "moshi":
+        run_moshi(Path(sys.argv[2]))
     elif mode == "train":
         run_train(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: expected meshes or train")
+        raise SystemExit(f"unknown mode {mode!r}: expected meshes, moshi or train")

@@ -497,9 +497,7 @@ def test_preset_round_trips_and_lacking_features_are_refused():
     assert from_dict(MoshiLMRunConfig, to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="architecture 'moshi_lm' does not support diagnostics"):
         registry.load_run(path, ["train.diagnostics_every=1"])
-    with pytest.raises(ValueError, match="mesh is invalid: architecture 'moshi_lm' does not "
-                                         "support mesh"):
-        registry.load_run(path, ["mesh.data=1"])
+    assert registry.load_run(path, ["mesh.data=1"]).mesh.data == 1  # tests/test_moshi_sharding.py
     with pytest.raises(ValueError, match=r"model.delays=\(0, 0\) is invalid: expected n_q \+ 1 "
                                          r"= 9 integers"):
         registry.load_run(path, ["model.delays=[0, 0]"])

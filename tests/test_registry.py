@@ -62,8 +62,9 @@ def test_attention_baseline_is_its_own_architecture():
     ("experiments/bytes_swa.yaml", "train.diagnostics_every=5",
      r"train.diagnostics_every=5 is invalid: architecture 'attention_lm' does not support "
      r"diagnostics"),
-    ("moshi_ttt_tiny.yaml", "mesh.fsdp=2",
-     r"mesh is invalid: architecture 'moshi_ttt' does not support mesh"),
+    ("moshi_lm_tiny.yaml", "train.diagnostics_every=5",
+     r"train.diagnostics_every=5 is invalid: architecture 'moshi_lm' does not support "
+     r"diagnostics"),
 ])
 def test_unsupported_feature_refused_at_check(config, override, message, train_main, capsys):
     code = train_main(["--config", str(CONFIGS / config), "--set", override, "--check"])

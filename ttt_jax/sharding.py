@@ -4,7 +4,9 @@ JAX's SPMD compiler does all communication: this module only says where each arr
 
 - The mesh has three axes, ``data``, ``fsdp`` and ``tensor`` (sizes from ``MeshConfig``).
 - Batches are split along their row axis over ``data`` x ``fsdp``.
-- Parameters follow :data:`RULES` (first matching regex over the ``a/b/c`` param path): large
+- Parameters follow the architecture's rules (:func:`rules_for`; :data:`RULES` unless the
+  architecture registered its own with :func:`register_rules`), the first regex over the
+  ``a/b/c`` param path that matches. With :data:`RULES`: large
   matrices are split over ``fsdp`` along their model-width dim and over ``tensor`` along their
   heads / hidden dim; per-head TTT params are split over ``tensor`` by head; everything else
   (norms, biases, convs, ``learnable_token_idx``) is replicated. A dim that the axis size does
@@ -12,12 +14,21 @@ JAX's SPMD compiler does all communication: this module only says where each arr
 - Optimizer-state leaves shaped like a param (Adam's ``mu``/``nu``) take that param's sharding;
   the rest (counters) are replicated.
 
+A rule's template is a tuple (one mesh axis or None per leading dim) or a :class:`Split`, a
+rule by shape: ``tensor`` over a named dim (heads, FFN width, vocabulary) and ``fsdp`` over the
+largest dim it divides.
+
 ``Layout`` holds the mesh and these shardings, jits the init / train / eval steps with explicit
-in/out shardings, and assembles each process's rows of a batch into global arrays.
+in/out shardings, and assembles each process's rows of a batch (of any trailing shape, e.g.
+Moshi's frames ``[B, L+1, K]``) into global arrays. :func:`memory_estimate` gives the
+per-device bytes of a run under the rules from shapes alone (``train --check`` prints it;
+docs/moshi.md, "Sharded runs").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -52,6 +63,69 @@ RULES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A rule by shape: ``tensor`` over dim ``tensor`` (heads, FFN width, vocabulary) when the
+    tensor size divides it; then, with ``fsdp``, ``fsdp`` over the dim with the largest
+    per-device extent that the fsdp size divides (the tensor dim too, as ``(tensor, fsdp)``, when
+    it is the largest; never for a vector). A dim neither axis divides stays whole."""
+
+    tensor: Optional[int] = None
+    fsdp: bool = True
+
+    def spec(self, shape: Sequence[int], mesh_shape: dict[str, int]) -> P:
+        if not shape:
+            return P()
+        axes: list[list[str]] = [[] for _ in shape]
+        local = list(shape)
+        t = mesh_shape.get("tensor", 1)
+        if self.tensor is not None and t > 1:
+            i = self.tensor % len(shape)
+            if shape[i] % t == 0:
+                axes[i].append("tensor")
+                local[i] //= t
+        f = mesh_shape.get("fsdp", 1)
+        if self.fsdp and f > 1 and len(shape) > 1:  # vectors: not worth gathering
+            fits = [i for i in range(len(shape)) if local[i] % f == 0]
+            if fits:
+                axes[max(fits, key=lambda i: (local[i], -i))].append("fsdp")
+        dims = [None if not a else a[0] if len(a) == 1 else tuple(a) for a in axes]
+        while dims and dims[-1] is None:
+            dims.pop()
+        return P(*dims)
+
+
+# Rules of the architectures that registered their own (``register_rules``).
+_ARCHITECTURE_RULES: dict[str, tuple] = {}
+
+
+def register_rules(architecture: str, rules, layer_working_set: Optional[Callable] = None
+                   ) -> None:
+    """Makes ``rules`` the param sharding rules of ``architecture`` (its mesh runs);
+    ``layer_working_set(run config, rows)`` gives the bytes one rematerialised layer holds
+    while recomputed (:func:`memory_estimate`)."""
+    _ARCHITECTURE_RULES[architecture] = tuple(rules)
+    if layer_working_set is not None:
+        _LAYER_WORKING_SET[architecture] = layer_working_set
+
+
+def rules_for(architecture: str):
+    """The param sharding rules of ``architecture`` (:data:`RULES` unless it registered its
+    own); imports a built-in architecture first, so that its rules are registered."""
+    from ttt_jax import registry
+
+    registry.get(architecture)
+    return _ARCHITECTURE_RULES.get(architecture, RULES)
+
+
+def rule_index(path: str, rules=RULES) -> Optional[int]:
+    """The index of the first rule whose regex matches ``path``, or None (replicated)."""
+    for i, (pattern, _) in enumerate(rules):
+        if re.search(pattern, path):
+            return i
+    return None
+
+
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """The ``(data, fsdp, tensor)`` mesh of ``cfg`` over ``devices`` (all of the job's).
 
@@ -74,11 +148,12 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
 def spec_for(path: str, shape: Sequence[int], mesh_shape: dict[str, int],
              rules=RULES) -> P:
     """The ``PartitionSpec`` of the param at ``path`` with ``shape`` on a mesh of these sizes."""
-    for pattern, template in rules:
-        if re.search(pattern, path):
-            break
-    else:
+    i = rule_index(path, rules)
+    if i is None:
         return P()
+    template = rules[i][1]
+    if isinstance(template, Split):
+        return template.spec(shape, mesh_shape)
     dims = []
     for i, size in enumerate(shape):
         axis = template[i] if i < len(template) else None
@@ -90,12 +165,28 @@ def spec_for(path: str, shape: Sequence[int], mesh_shape: dict[str, int],
     return P(*dims)
 
 
+def opt_state_specs(opt_state, params, spec_of: Callable[[str, Sequence[int]], P]) -> Any:
+    """A tree like ``opt_state`` of ``PartitionSpec``: a leaf shaped like a param whose path ends
+    the leaf's path (``.../mu/<param path>``; the longest such) takes that param's spec
+    ``spec_of(path, shape)``, the rest (counters) are replicated."""
+    by_path = {k: (tuple(v.shape), spec_of(k, v.shape)) for k, v in flatten(params).items()}
+
+    def one(path, leaf):
+        s = path_str(path)
+        matches = [key for key, (shape, _) in by_path.items()
+                   if (s == key or s.endswith("/" + key)) and tuple(leaf.shape) == shape]
+        return by_path[max(matches, key=len)][1] if matches else P()
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
 class Layout:
     """Where a run's state and batches live on ``mesh``, and the steps jitted accordingly.
 
     Args:
       mesh: a mesh with axes ``data``, ``fsdp``, ``tensor`` (see :func:`make_mesh`).
-      rules: param sharding rules (defaults to :data:`RULES`).
+      rules: param sharding rules (defaults to :data:`RULES`; :meth:`from_config` takes the
+        architecture's, :func:`rules_for`).
     """
 
     def __init__(self, mesh: Mesh, rules=RULES):
@@ -106,12 +197,13 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, devices=None) -> "Layout":
-        """The layout of ``cfg.mesh``; checks the batch against the resolved mesh."""
+        """The layout of ``cfg.mesh`` with the rules of ``cfg.architecture``; checks the batch
+        against the resolved mesh."""
         if cfg.mesh is None:
             raise ValueError("mesh is not set: a sharded run needs a mesh section")
         mesh = make_mesh(cfg.mesh, devices)
         check_batch_fits_mesh(cfg, mesh.shape["data"], mesh.shape["fsdp"])
-        return cls(mesh)
+        return cls(mesh, rules_for(cfg.architecture))
 
     def param_spec(self, path: str, shape: Sequence[int]) -> P:
         return spec_for(path, shape, dict(self.mesh.shape), self.rules)
@@ -123,19 +215,9 @@ class Layout:
 
     def opt_state_shardings(self, opt_state, params) -> Any:
         """Shardings of the optimizer state: param-shaped leaves follow their param."""
-        by_path = {k: (tuple(v.shape), self.param_spec(k, v.shape))
-                   for k, v in flatten(params).items()}
-
-        def one(path, leaf):
-            s = path_str(path)
-            # The longest param path that ends the leaf's path (``.../mu/<param path>``).
-            matches = [key for key, (shape, _) in by_path.items()
-                       if (s == key or s.endswith("/" + key)) and tuple(leaf.shape) == shape]
-            if not matches:
-                return self.replicated
-            return NamedSharding(self.mesh, by_path[max(matches, key=len)][1])
-
-        return jax.tree_util.tree_map_with_path(one, opt_state)
+        specs = opt_state_specs(opt_state, params, self.param_spec)
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                            is_leaf=lambda x: isinstance(x, P))
 
     def train_state_shardings(self, state) -> Any:
         """Shardings of a ``TrainState`` (abstract or concrete)."""
@@ -164,7 +246,8 @@ class Layout:
         return jax.device_put(jax.tree.map(np.asarray, state), self.state_shardings)
 
     def jit_train_step(self, train_step: Callable, state) -> Callable:
-        """``train_step(state, tokens [k, m, L+1], mask)`` with state donated and kept sharded."""
+        """``train_step(state, tokens [k, m, L+1, ...], mask)`` with state donated and kept
+        sharded (rows ``m`` split; trailing dims, e.g. Moshi's streams, whole)."""
         shardings = (self.state_shardings if self.state_shardings is not None
                      else self.train_state_shardings(state))
         rows = self.rows_sharding(3, 1)
@@ -210,11 +293,11 @@ class Layout:
         rows = (np.arange(accum)[:, None] * m + np.arange(lo, hi)[None]).reshape(-1)
         tokens, mask = read_rows(ds, step, rows)
         sharding = self.rows_sharding(3, 1)
-        tokens = self._global(tokens.reshape(accum, hi - lo, -1), sharding,
-                              (accum, m, tokens.shape[-1]))
+        tokens = self._global(tokens.reshape(accum, hi - lo, *tokens.shape[1:]), sharding,
+                              (accum, m) + tokens.shape[1:])
         if mask is not None:
-            mask = self._global(mask.reshape(accum, hi - lo, -1), sharding,
-                                (accum, m, mask.shape[-1]))
+            mask = self._global(mask.reshape(accum, hi - lo, *mask.shape[1:]), sharding,
+                                (accum, m) + mask.shape[1:])
         return tokens, mask
 
     def eval_view(self, ds) -> "ShardedData":
@@ -238,9 +321,9 @@ class ShardedData:
             lo, hi = self.layout.local_rows(b)
             tokens, mask = read_rows(self.ds, step, np.arange(lo, hi))
             sharding = self.layout.rows_sharding(2, 0)
-            tokens = self.layout._global(tokens, sharding, (b, tokens.shape[-1]))
+            tokens = self.layout._global(tokens, sharding, (b,) + tokens.shape[1:])
             if mask is not None:
-                mask = self.layout._global(mask, sharding, (b, mask.shape[-1]))
+                mask = self.layout._global(mask, sharding, (b,) + mask.shape[1:])
             self._cache = (step, (tokens, mask))
         return self._cache[1]
 
@@ -249,3 +332,108 @@ class ShardedData:
 
     def loss_mask(self, step: int) -> Optional[jax.Array]:
         return self._load(step)[1]
+
+
+# ---- memory estimate ------------------------------------------------------------------------
+
+# Per-architecture: ``(run config, rows per device) -> bytes`` of the activations one
+# rematerialised layer holds while its backward pass runs (``register_rules``).
+_LAYER_WORKING_SET: dict[str, Callable] = {}
+
+
+def estimate_mesh_sizes(mesh_cfg: Optional[MeshConfig], device_count: int) -> dict[str, int]:
+    """The axis sizes the estimate assumes: ``mesh_cfg`` resolved for ``device_count`` devices
+    when it fits them, else for exactly its fixed axes (a ``-1`` axis of size 1); no mesh: one
+    device."""
+    if mesh_cfg is None:
+        return {a: 1 for a in MESH_AXES}
+    free = any(getattr(mesh_cfg, a) == -1 for a in MESH_AXES)
+    fixed = mesh_cfg.fixed_size
+    n = device_count if free and device_count % fixed == 0 else fixed
+    return mesh_cfg.resolve(n)
+
+
+def _per_device(leaf, spec: P, sizes: dict[str, int]) -> float:
+    split = 1
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None:
+                split *= sizes[axis]
+    return leaf.size * leaf.dtype.itemsize / split
+
+
+def residual_bytes(f: Callable, *args) -> int:
+    """Bytes that the backward pass of ``f(*args)`` keeps (``jax.ad_checkpoint``'s saved
+    residuals of the traced VJP; ``args`` may be ``jax.ShapeDtypeStruct``), the arguments
+    themselves excluded."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    return sum(math.prod(aval.shape) * aval.dtype.itemsize
+               for aval, where in saved_residuals(f, *args)
+               if not where.startswith("from the argument"))
+
+
+def activation_bytes(cfg, arch, rows: int, params=None) -> int:
+    """Bytes of the activations the backward pass keeps for ``rows`` sequences of the run's
+    loss (``jax.ad_checkpoint`` saved residuals of the traced VJP, under the model's own
+    remat; nothing compiled or allocated), params excluded. ``params``: the param shapes, if
+    already known."""
+    from ttt_jax import training
+
+    model = arch.build_model(cfg.model)
+    params = arch.param_shapes(cfg.model) if params is None else params
+    sample = jax.eval_shape(lambda: arch.sample_input(cfg.model, rows, cfg.data.seq_len + 1))
+    loss = lambda p, t: training._loss_sums(model, p, t, None)[0]  # noqa: E731
+    return residual_bytes(loss, params, sample)
+
+
+def memory_estimate(cfg, arch=None, device_count: Optional[int] = None) -> dict[str, Any]:
+    """Per-device bytes of training ``cfg`` under its architecture's sharding rules, from
+    shapes alone (``jax.eval_shape``; docs/moshi.md, "Sharded runs"):
+
+    ``params + grads + optimizer state + activations``, where params and grads (float32, one
+    of each) and the optimizer state (Adam's two moments, only for params that train) are
+    divided as their ``PartitionSpec`` shards them over the mesh, and activations are the saved
+    residuals of one micro-batch's rows per device (``micro-batch / (data * fsdp)``) plus, with
+    a rematerialised model, the working set of one layer being recomputed (as registered by the
+    architecture). Activations are not divided by ``tensor`` (an upper bound there).
+
+    Returns a dict of byte counts (``params``, ``grads``, ``optimizer``, ``activations``,
+    ``total``, and ``layer``: the recomputed layer's part of the activations) with ``mesh``
+    (axis sizes), ``devices`` and ``rows`` (per device).
+    """
+    from ttt_jax import registry
+
+    arch = registry.of(cfg) if arch is None else arch
+    n = jax.device_count() if device_count is None else device_count
+    sizes = estimate_mesh_sizes(cfg.mesh, n)
+    rules = rules_for(cfg.architecture)
+    optimizer = arch.make_optimizer(cfg)
+    state = jax.eval_shape(lambda k: arch.init_state(cfg, optimizer, k), jax.random.PRNGKey(0))
+    params = sum(_per_device(x, spec_for(k, x.shape, sizes, rules), sizes)
+                 for k, x in flatten(state.params).items())
+    specs = flatten(opt_state_specs(state.opt_state, state.params,
+                                    lambda k, shape: spec_for(k, shape, sizes, rules)))
+    opt = sum(_per_device(x, specs[k], sizes) for k, x in flatten(state.opt_state).items()
+              if hasattr(x, "dtype"))
+    rows = cfg.data.batch_size // cfg.train.grad_accum // (sizes["data"] * sizes["fsdp"])
+    working = _LAYER_WORKING_SET.get(cfg.architecture)
+    working = working(cfg, rows) if working is not None else 0
+    acts = activation_bytes(cfg, arch, rows, state.params) + working
+    out = {"params": params, "grads": params, "optimizer": opt, "activations": acts}
+    out["total"] = sum(out.values())
+    out.update(mesh=sizes, devices=math.prod(sizes.values()), rows=rows, layer=working)
+    return out
+
+
+def describe_memory(cfg, arch=None, device_count: Optional[int] = None) -> str:
+    """:func:`memory_estimate` as the lines ``train --check`` prints."""
+    m = memory_estimate(cfg, arch, device_count)
+    gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    mesh = " ".join(f"{a}={m['mesh'][a]}" for a in MESH_AXES)
+    where = f"mesh {mesh} ({m['devices']} devices)" if cfg.mesh is not None else "one device"
+    layer = f", {gb(m['layer'])} of it one recomputed layer" if m["layer"] else ""
+    return (f"memory per device (estimate, {where}): params {gb(m['params'])} + grads "
+            f"{gb(m['grads'])} + optimizer {gb(m['optimizer'])} + activations "
+            f"{gb(m['activations'])} ({m['rows']} rows x {cfg.data.seq_len} positions{layer}) "
+            f"= {gb(m['total'])}")

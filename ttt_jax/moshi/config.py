@@ -26,6 +26,9 @@ NormType = Literal["rms_norm", "rms_norm_f32"]
 Gating = Literal["silu"]
 PositionalEmbedding = Literal["rope", "none"]
 MoshiDataSource = Literal["bytes", "codebooks", "synthetic"]
+# model.remat: keep every activation for the backward pass, or only each backbone layer's
+# input (the layer's forward is recomputed in the backward pass).
+Remat = Literal["none", "layer"]
 
 # moshi's create_norm_fn: RMSNorm eps 1e-5 ("rms_norm") and 1e-8 in float32 ("rms_norm_f32").
 NORM_EPS = {"rms_norm": 1e-5, "rms_norm_f32": 1e-8}
@@ -266,6 +269,8 @@ class MoshiTTTConfig:
       dtype: compute dtype of the backbone (params stay float32; TTT math runs in float32).
       lora: low-rank adapters on the backbone's attention and FFN projections
         (``ttt_jax.nn.lora``; off by default), merged into the weights on export.
+      remat: ``none`` or ``layer`` (each backbone layer is rematerialised: its forward is
+        recomputed in the backward pass and only its input is kept); same params and values.
     """
 
     transformer: MoshiTransformerConfig
@@ -274,10 +279,12 @@ class MoshiTTTConfig:
     init_std: float = 0.02
     dtype: DType = "float32"
     lora: LoRAConfig = LoRAConfig()
+    remat: Remat = "none"
 
     def __post_init__(self):
         if not isinstance(self.transformer, MoshiTransformerConfig):
             _fail("model", "transformer", self.transformer, "a MoshiTransformerConfig")
+        _check_choice("model", "remat", self.remat, get_args(Remat))
         if not isinstance(self.ttt, TTTArgs):
             _fail("model", "ttt", self.ttt, "a TTTArgs")
         if not isinstance(self.lora, LoRAConfig):
@@ -343,8 +350,8 @@ class MoshiRunConfig:
       model, optim, data, train, checkpoint: as in a TTT-LM run (``checkpoint.init_from``
         also starts a run from Moshi weights imported with ``ttt-jax import --config
         moshi_ttt_tiny --in WEIGHTS.safetensors --out RUN_DIR``).
-      mesh: present so that every run config has the same sections; the registry refuses it
-        for ``moshi_ttt`` (no sharding rules for the hybrid yet).
+      mesh: the device mesh of a sharded run (docs/scaling.md; the Moshi rules in
+        ``ttt_jax/moshi/sharding.py``), or None for one device.
     """
 
     model: MoshiTTTConfig

@@ -139,7 +139,10 @@ class StreamingTransformer(nn.Module):
 
     def setup(self):
         grafted = set(self.config.ttt_layers)
-        self.layers = [HybridLayer(self.config, i in grafted)
+        # model.remat=layer: each layer's forward is recomputed in the backward pass (same
+        # params, same values); streaming calls the layer's own ``stream``.
+        layer = nn.remat(HybridLayer) if self.config.remat == "layer" else HybridLayer
+        self.layers = [layer(self.config, i in grafted)
                        for i in range(self.config.transformer.num_layers)]
 
     def __call__(self, x, offset=0):

@@ -215,7 +215,8 @@ class Depformer(nn.Module):
     config: MoshiLMConfig
 
     def setup(self):
-        self.layers = [DepformerLayer(self.config) for _ in range(self.config.depformer.num_layers)]
+        layer = nn.remat(DepformerLayer) if self.config.remat == "layer" else DepformerLayer
+        self.layers = [layer(self.config) for _ in range(self.config.depformer.num_layers)]
 
     def __call__(self, x):
         dep = self.config.depformer

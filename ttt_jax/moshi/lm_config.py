@@ -19,7 +19,7 @@ from ttt_jax.config import (CheckpointConfig, DType, MeshConfig, OptimConfig, Tr
                             _check_bools, _check_choice, _check_int, _check_positive, _fail)
 from ttt_jax.config.run import check_run_sections
 from ttt_jax.moshi.config import (Gating, MoshiDataConfig, MoshiTTTConfig,
-                                  MoshiTransformerConfig, TTTArgs)
+                                  MoshiTransformerConfig, Remat, TTTArgs)
 
 ARCHITECTURE = "moshi_lm"
 
@@ -115,6 +115,8 @@ class MoshiLMConfig:
         codebook; not an ``LMModel`` argument.
       lora: low-rank adapters on the temporal transformer's attention and FFN projections
         (``ttt_jax.nn.lora``); merged into the weights on export.
+      remat: ``none`` or ``layer`` (every temporal and depformer layer is rematerialised: its
+        forward is recomputed in the backward pass); same params and values.
     """
 
     transformer: MoshiTransformerConfig
@@ -134,9 +136,11 @@ class MoshiLMConfig:
     text_padding_weight: float = 0.5
     first_codebook_weight_multiplier: float = 1.0
     lora: LoRAConfig = LoRAConfig()
+    remat: Remat = "none"
 
     def __post_init__(self):
         s = "model"
+        _check_choice(s, "remat", self.remat, get_args(Remat))
         if not isinstance(self.transformer, MoshiTransformerConfig):
             _fail(s, "transformer", self.transformer, "a MoshiTransformerConfig")
         if not isinstance(self.depformer, DepformerConfig):
@@ -187,7 +191,7 @@ class MoshiLMConfig:
         """The temporal transformer as a Moshi-TTT model config (backbone + graft)."""
         return MoshiTTTConfig(transformer=self.transformer, ttt=self.ttt,
                               vocab_sizes=(self.text_card + 1,), init_std=self.init_std,
-                              dtype=self.dtype, lora=self.lora)
+                              dtype=self.dtype, lora=self.lora, remat=self.remat)
 
     @property
     def depformer_weight_sets(self) -> int:
@@ -353,7 +357,8 @@ class MoshiLMRunConfig:
       optim, train, checkpoint: as in every run.
       data: frames of ``n_q + 1`` streams (text first), as Moshi-TTT's data
         (``MoshiDataConfig``); a batch ``[B, seq_len + 1, K]`` is used whole as the codes.
-      mesh: present so that every run config has the same sections; refused for ``moshi_lm``.
+      mesh: the device mesh of a sharded run (docs/scaling.md; the Moshi rules in
+        ``ttt_jax/moshi/sharding.py``), or None for one device.
     """
 
     model: MoshiLMConfig

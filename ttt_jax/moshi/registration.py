@@ -27,7 +27,9 @@ from ttt_jax.moshi.lm import MoshiLM
 from ttt_jax.moshi.lm_config import MoshiLMConfig, MoshiLMRunConfig
 from ttt_jax.moshi.lm_loss import moshi_lm_loss
 from ttt_jax.nn.lora import LoRAConfig, is_lora_path, merge
+from ttt_jax.moshi.sharding import MOSHI_RULES, layer_working_set
 from ttt_jax.registry import Architecture, register
+from ttt_jax.sharding import register_rules
 from ttt_jax.training import OwnObjective
 
 GROUPS = ("backbone", "ttt", "alpha", "lora")
@@ -95,10 +97,12 @@ def export_torch(cfg: MoshiRunConfig, params, out, *, dtype=None, force=False,
 MOSHI_TTT = register(Architecture(
     name="moshi_ttt", run_config=MoshiRunConfig, build_model=MoshiTTTLM,
     sample_input=sample_tokens, build_datasets=build_datasets,
-    features=frozenset({"diagnostics", "eval", "export"}),
+    features=frozenset({"diagnostics", "eval", "export", "mesh"}),
     export=export_torch,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's streaming transformer with TTT layers grafted in"))
+# Mesh runs: the Moshi param sharding rules (ttt_jax/moshi/sharding.py).
+register_rules("moshi_ttt", MOSHI_RULES, layer_working_set)
 
 
 class MoshiLMObjective(MoshiLM, OwnObjective):
@@ -152,7 +156,8 @@ def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
 MOSHI_LM = register(Architecture(
     name="moshi_lm", run_config=MoshiLMRunConfig, build_model=MoshiLMObjective,
     sample_input=sample_frames, build_datasets=build_lm_datasets,
-    features=frozenset({"export"}), export=export_lm,
+    features=frozenset({"export", "mesh"}), export=export_lm,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's whole LMModel (text + audio streams, depformer) with TTT layers "
                 "grafted into its temporal transformer"))
+register_rules("moshi_lm", MOSHI_RULES, layer_working_set)
