@@ -87,39 +87,40 @@ LAYOUTS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def _rotate_merged(x, cos, sin, layout):
+def _rotate_merged(x, cos, sin, layout, head_axis=1):
     """``rotate`` via split and merge: each pair ``(a, b) -> (a cos - b sin, a sin + b cos)``."""
     split, merge = LAYOUTS[layout]
     a, b = split(x.astype(jnp.float32))  # [B, H, L, f/2] each
-    c, s = cos[:, None], sin[:, None]  # [B, 1, L, f/2]
+    c, s = jnp.expand_dims(cos, head_axis), jnp.expand_dims(sin, head_axis)  # [B, 1, L, f/2]
     return merge(a * c - b * s, a * s + b * c).astype(x.dtype)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _rotate(x, cos, sin, layout):
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _rotate(x, cos, sin, layout, head_axis=1):
     # Elementwise as x * C + partner(x) * S, with C = (cos, cos) and S = (-sin, sin) merged into
     # the layout and partner(x) = x with the two members of every pair swapped: the same
     # products and sums as (a cos - b sin, a sin + b cos) (up to the rounding of a fused
     # multiply-add), but no concatenation of [B, H, L, f] arrays, so XLA fuses the rotation
     # into its consumers instead of materialising it (less memory at the forward's peak).
     _, merge = LAYOUTS[layout]
-    c = merge(cos, cos)[:, None]  # [B, 1, L, f]
-    s = merge(-sin, sin)[:, None]
+    c = jnp.expand_dims(merge(cos, cos), head_axis)  # [B, 1, L, f]
+    s = jnp.expand_dims(merge(-sin, sin), head_axis)
     x32 = x.astype(jnp.float32)
     return (x32 * c + PARTNERS[layout](x32) * s).astype(x.dtype)
 
 
 @_rotate.defjvp
-def _rotate_jvp(layout, primals, tangents):
+def _rotate_jvp(layout, head_axis, primals, tangents):
     # Linear in x: the tangent is the same rotation, in the split/merge form, whose transpose
     # (the backward pass) keeps only the half-width tables and measured faster than the
     # transpose of the elementwise form. The angles come from integer positions: no tangent.
     x, cos, sin = primals
-    return _rotate(x, cos, sin, layout), _rotate_merged(tangents[0], cos, sin, layout)
+    return (_rotate(x, cos, sin, layout, head_axis),
+            _rotate_merged(tangents[0], cos, sin, layout, head_axis))
 
 
 def rotate(x: Float[Array, "B H L f"], cos: Float[Array, "B L f2"], sin: Float[Array, "B L f2"],
-           layout: str) -> Float[Array, "B H L f"]:
+           layout: str, head_axis: int = 1) -> Float[Array, "B H L f"]:
     """Rotates each pair ``(a, b)`` of ``x`` to ``(a cos - b sin, a sin + b cos)``.
 
     Computes in float32 and returns ``x.dtype``. Differentiable in ``x`` only (``cos, sin``
@@ -129,15 +130,16 @@ def rotate(x: Float[Array, "B H L f"], cos: Float[Array, "B L f2"], sin: Float[A
       x: ``[B, H, L, f]`` queries or keys.
       cos, sin: ``[B, L, f/2]`` angles per token, float32.
       layout: a key of ``LAYOUTS``.
+      head_axis: where ``x`` has its head axis: 1 (``[B, H, L, f]``) or 2 (``[B, L, H, f]``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"rope_layout={layout!r} is invalid: expected one of {', '.join(LAYOUTS)}")
-    return _rotate(x, cos, sin, layout)
+    return _rotate(x, cos, sin, layout, head_axis)
 
 
 def apply_bounded_rope(xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
                        position_ids: Int[Array, "B L"], *, mini_batch_size: int, theta: float,
-                       layout: str, bounded: bool = True):
+                       layout: str, bounded: bool = True, head_axis: int = 1):
     """Rotates queries and keys by ``position_ids % mini_batch_size``; values are not touched.
 
     With ``bounded=False`` they are rotated by ``position_ids`` themselves (plain RoPE).
@@ -149,14 +151,15 @@ def apply_bounded_rope(xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
       theta: RoPE base.
       layout: ``interleaved`` or ``half``.
       bounded: reduce positions ``% mini_batch_size`` (the default) or use them as they are.
+      head_axis: 1 for ``xq, xk: [B, H, L, f]``, 2 for ``[B, L, H, f]``.
 
     Returns:
       ``(xq, xk)`` rotated, in their input dtypes.
     """
     if not bounded:
         cos, sin = position_angles(position_ids, xq.shape[-1], theta)  # [B, L, f/2]
-        return rotate(xq, cos, sin, layout), rotate(xk, cos, sin, layout)
+        return (rotate(xq, cos, sin, layout, head_axis), rotate(xk, cos, sin, layout, head_axis))
     cos, sin = rope_table(mini_batch_size, xq.shape[-1], theta)  # [b, f/2]
     pos = bounded_positions(position_ids, mini_batch_size)  # [B, L]
     cos, sin = cos[pos], sin[pos]  # [B, L, f/2]
-    return rotate(xq, cos, sin, layout), rotate(xk, cos, sin, layout)
+    return rotate(xq, cos, sin, layout, head_axis), rotate(xk, cos, sin, layout, head_axis)

@@ -24,7 +24,7 @@ from jaxtyping import Array, Float
 
 from ttt_jax.math import inner
 from ttt_jax.math.inner import InnerState, mm
-from ttt_jax.math.layernorm import layer_norm
+from ttt_jax.math.layernorm import layer_norm, layer_norm_l2_grad
 
 
 def token_weights(learnable_token_idx: Float[Array, "b"]) -> Float[Array, "b"]:
@@ -38,7 +38,7 @@ def _swap(x: Array) -> Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _dual_outputs(state: InnerState, acts, gs, xq, lr, tok, m1=None, acc=None):
+def _dual_outputs(state: InnerState, acts, gs, xq, lr, tok, acc=None):
     """Pre-LN outputs of one mini-batch frame in the dual form.
 
     Token ``i`` reads the weights ``state - tok[i] * (acc + sum_{j<=i} lr_j grad_j)``, every
@@ -47,21 +47,15 @@ def _dual_outputs(state: InnerState, acts, gs, xq, lr, tok, m1=None, acc=None):
     Args:
       state: ``[B, H, ...]`` weights; acts, gs: per layer ``[B, H, b, .]``.
       xq: ``[B, H, b, f]``; lr: ``[B, H, b]``; tok: ``[b]``.
-      m1: ``[B, H, b, b]`` the first layer's mask ``tril(eta * (xq xk^T + 1))`` if precomputed.
       acc: ``[B, H, ...]`` gradients accumulated before the frame, or None (none).
 
     Returns:
       ``z_bar: [B, H, b, f]``.
     """
-    eta = None
+    eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
     xbar = xq
     for i, ((w, bias), a, g) in enumerate(zip(state, acts, gs)):
-        if i == 0 and m1 is not None:
-            m = m1
-        else:  # queries of later layers depend on the state: build the mask here
-            if eta is None:
-                eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
-            m = eta * (mm(xbar, _swap(a)) + 1.0)
+        m = eta * (mm(xbar, _swap(a)) + 1.0)  # M_i = tril(eta * (xbar_i a_i^T + 1))
         z_bar = mm(xbar, w) + bias  # [B, H, b, f_out]
         if acc is not None:
             aw, ab = acc[i]
@@ -72,7 +66,7 @@ def _dual_outputs(state: InnerState, acts, gs, xq, lr, tok, m1=None, acc=None):
     return z_bar
 
 
-def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
+def dual_step(state: InnerState, xq, xk, xv, lr, tok, ln_weight, ln_bias):
     """One mini-batch in the dual form.
 
     Args:
@@ -80,7 +74,6 @@ def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
         ``bias: [B, H, 1, f_out]``.
       xq, xk, xv: ``[B, H, b, f]``.
       lr: ``[B, H, b]`` per-token learning rates.
-      m1: ``[B, H, b, b]`` = ``tril(eta * (xq xk^T + 1))``, precomputed outside the scan.
       tok: ``[b]`` token weights; ``eta[i, j] = tok[i] * lr[j]``.
       ln_weight, ln_bias: ``[H, 1, f]``.
 
@@ -88,8 +81,212 @@ def dual_step(state: InnerState, xq, xk, xv, lr, m1, tok, ln_weight, ln_bias):
       ``(state', z_bar)``: the state after the mini-batch and the pre-LN outputs ``[B, H, b, f]``.
     """
     acts, _, gs = inner.loss_grads(state, xk, xv, ln_weight, ln_bias)
-    z_bar = _dual_outputs(state, acts, gs, xq, lr, tok, m1=m1)
+    z_bar = _dual_outputs(state, acts, gs, xq, lr, tok)
     return inner.step(state, acts, gs, tok[-1] * lr), z_bar
+
+
+def _keys(state: InnerState, xk, xv, ln_weight, ln_bias):
+    """``inner.loss_grads`` keeping ``backs[i] = G_i W_i^T`` (``G_{i-1}`` before ``gelu'``).
+
+    Returns ``(acts, zs, gs, backs)``; ``backs[0]`` is None (docs/architecture.md §1.5).
+    """
+    acts, zs = inner.forward(state, xk)
+    gs = [layer_norm_l2_grad(zs[-1], xv - xk, ln_weight, ln_bias)]
+    backs = [None] * len(state)
+    for i in range(len(state) - 1, 0, -1):
+        backs[i] = mm(gs[0], _swap(state[i][0]))
+        gs.insert(0, backs[i] * inner.gelu_tanh_grad(zs[i - 1]))
+    return acts, zs, gs, backs
+
+
+def _dual_step_bwd(res, cts, keys=None):
+    """The derivative of ``dual_step`` by hand (docs/architecture.md §1.6).
+
+    Only the step's inputs are kept; the keys' forward, the inner gradients and the queries'
+    path are recomputed here (a few matmuls), then every product of §1.6 is transposed once.
+    Elementwise pieces (the closed-form LayerNorm gradient, ``gelu_tanh'``) are differentiated
+    by ``jax.vjp`` of their closed forms. ``keys``: ``_keys`` at the step's state when already
+    computed (recomputed otherwise).
+    """
+    state, xq, xk, xv, lr, tok, ln_weight, ln_bias = res
+    d_next, dzb = cts
+    nl = len(state)
+    ws = [w for w, _ in state]
+    e = tok[-1] * lr  # [B, H, b]: the update's per-token weights
+    # Keys through the layers and the inner gradients at the start state (§1.5).
+    acts, zs, gs, backs = keys if keys is not None else _keys(state, xk, xv, ln_weight, ln_bias)
+    _, ln_vjp = jax.vjp(layer_norm_l2_grad, zs[-1], xv - xk, ln_weight, ln_bias)
+    gps = [inner.gelu_tanh_grad(z) for z in zs[:-1]] + [None]
+    # Queries through the updated layers (only what the derivative reads).
+    eta = jnp.tril(tok[:, None] * lr[..., None, :])  # [B, H, b, b]
+    xbars, sims, ms, zbs = [xq], [], [], []
+    for i in range(nl):
+        sims.append(mm(xbars[i], _swap(acts[i])))
+        ms.append(eta * (sims[i] + 1.0))  # M_i = tril(eta * (xbar_i a_i^T + 1))
+        if i + 1 < nl:
+            zbs.append(mm(xbars[i], ws[i]) + state[i][1] - mm(ms[i], gs[i]))
+            xbars.append(inner.gelu_tanh(zbs[i]))
+
+    # The update W' = W - A^T (e * G), bias' = bias - e G.
+    dws = [dw for dw, _ in d_next]
+    dbs = [db for _, db in d_next]
+    dgs, das = [None] * nl, [None] * nl
+    de = 0.0
+    for i in range(nl):
+        adw = mm(acts[i], dws[i]) + dbs[i]  # [B, H, b, f_out]
+        dgs[i] = -e[..., None] * adw
+        de = de - jnp.sum(adw * gs[i], axis=-1)
+        das[i] = -mm(e[..., None] * gs[i], _swap(dws[i]))
+    # The queries' path, last layer first: zb_i = xbar_i W_i + bias_i - M_i G_i.
+    dtok = jnp.zeros_like(tok)
+    dlr = de * tok[-1]
+    dtok = dtok.at[-1].add(jnp.sum(de * lr))
+    dz = dzb
+    for i in range(nl - 1, -1, -1):
+        dws[i] = dws[i] + mm(_swap(xbars[i]), dz)
+        dbs[i] = dbs[i] + jnp.sum(dz, axis=-2, keepdims=True)
+        dm = -mm(dz, _swap(gs[i]))  # [B, H, b, b]
+        dgs[i] = dgs[i] - mm(_swap(ms[i]), dz)
+        dxbar = mm(dz, _swap(ws[i]))
+        # M_i = tril(tok lr^T) * (xbar_i a_i^T + 1)
+        deta = jnp.tril(dm * (sims[i] + 1.0))
+        dtok = dtok + jnp.sum(deta * lr[..., None, :], axis=(0, 1, 3))
+        dlr = dlr + jnp.sum(deta * tok[:, None], axis=-2)
+        ds = dm * eta
+        dxbar = dxbar + mm(ds, acts[i])
+        das[i] = das[i] + mm(_swap(ds), xbars[i])
+        if i == 0:
+            dxq = dxbar
+        else:
+            dz = dxbar * inner.gelu_tanh_grad(zbs[i - 1])
+    # The inner gradients' chain G_{i-1} = (G_i W_i^T) * gelu'(Z_{i-1}), first link first.
+    dzs = [None] * nl
+    for i in range(1, nl):
+        dback = dgs[i - 1] * gps[i - 1]
+        dgs[i] = dgs[i] + mm(dback, ws[i])
+        dws[i] = dws[i] + mm(_swap(dback), gs[i])
+        _, gpp_vjp = jax.vjp(inner.gelu_tanh_grad, zs[i - 1])
+        dzs[i - 1] = gpp_vjp(dgs[i - 1] * backs[i])[0]
+    dzs[-1], dtarget, dlnw, dlnb = ln_vjp(dgs[-1])
+    # The keys' forward, last layer first: Z_i = a_i W_i + bias_i, a_{i+1} = gelu(Z_i).
+    dxk = -dtarget
+    for i in range(nl - 1, -1, -1):
+        dws[i] = dws[i] + mm(_swap(acts[i]), dzs[i])
+        dbs[i] = dbs[i] + jnp.sum(dzs[i], axis=-2, keepdims=True)
+        da = das[i] + mm(dzs[i], _swap(ws[i]))
+        if i:
+            dzs[i - 1] = dzs[i - 1] + da * gps[i - 1]
+        else:
+            dxk = dxk + da
+    dstate = tuple(zip(dws, dbs))
+    return dstate, dxq, dxk, dtarget, dlr, dtok, dlnw, dlnb
+
+
+def _chunk(x, i):
+    """Mini-batch ``i`` of a token-major ``[B, n, b, H, ...]`` array, as ``[B, H, b, ...]``."""
+    return jnp.swapaxes(jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False), 1, 2)
+
+
+def _put(buf, y, i):
+    """Writes ``y: [B, H, b, ...]`` as mini-batch ``i`` of ``buf: [B, n, b, H, ...]`` (in place)."""
+    return jax.lax.dynamic_update_index_in_dim(buf, jnp.swapaxes(y, 1, 2), i, axis=1)
+
+
+def _groups(n: int, group: int) -> list[tuple[int, int, int]]:
+    """``(first, count, size)``: ``count`` groups of ``size`` mini-batches from ``first``."""
+    head = n - n % group
+    out = [(0, head // group, group)] if head else []
+    if n % group:
+        out.append((head, 1, n % group))
+    return out
+
+
+def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group):
+    """``n`` mini-batches in the dual form, read from and written to the token-major layout."""
+    del group  # used by the derivative only
+
+    def step(carry, i):
+        state, z_bar = carry
+        state, z = dual_step(state, *(_chunk(x, i) for x in xs), tok, ln_weight, ln_bias)
+        return (state, _put(z_bar, z, i)), None
+
+    z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
+    (state, z_bar), _ = jax.lax.scan(step, (state, z_bar), jnp.arange(xs[0].shape[1]))
+    return state, z_bar
+
+
+def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group):
+    """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
+    def step(carry, i):
+        state, z_bar = carry
+        state, z = dual_step(state, *(_chunk(x, i) for x in xs), tok, ln_weight, ln_bias)
+        return (state, _put(z_bar, z, i)), None
+
+    carry = (state, jnp.zeros(xs[0].shape, xs[0].dtype))
+    starts = []
+    for first, count, size in _groups(xs[0].shape[1], group):
+        def run_group(carry, k, first=first, size=size):
+            end, _ = jax.lax.scan(step, carry, first + k * size + jnp.arange(size))
+            return end, carry[0]
+
+        carry, group_starts = jax.lax.scan(run_group, carry, jnp.arange(count))
+        starts.append(group_starts)
+    return carry, (starts, xs, tok, ln_weight, ln_bias)
+
+
+def _scan_tokens_bwd(group, res, cts):
+    """Groups last first: recompute the group's start states and inner gradients from the kept
+    state, then run ``_dual_step_bwd`` from the group's last mini-batch to its first."""
+    starts, xs, tok, ln_weight, ln_bias = res
+    d_state, d_zbar = cts
+
+    def step_back(carry, inp):
+        d_state, d_consts, d_xs = carry
+        i, state, keys = inp
+        frame = tuple(_chunk(x, i) for x in xs)
+        d_state, *d_frame, dt, dw, db = _dual_step_bwd(
+            (state, *frame, tok, ln_weight, ln_bias), (d_state, _chunk(d_zbar, i)), keys)
+        d_consts = tuple(c + d for c, d in zip(d_consts, (dt, dw, db)))
+        d_xs = tuple(_put(buf, d, i) for buf, d in zip(d_xs, d_frame))
+        return (d_state, d_consts, d_xs), None
+
+    def advance(state, i):  # a mini-batch's start state and its inner gradients
+        _, xk, xv, lr = (_chunk(x, i) for x in xs)
+        keys = _keys(state, xk, xv, ln_weight, ln_bias)
+        acts, _, gs, _ = keys
+        return inner.step(state, acts, gs, tok[-1] * lr), (state, keys)
+
+    d_consts = (jnp.zeros_like(tok), jnp.zeros_like(ln_weight), jnp.zeros_like(ln_bias))
+    carry = (d_state, d_consts, tuple(jnp.zeros_like(x) for x in xs))
+    for (first, _, size), group_starts in reversed(list(zip(_groups(xs[0].shape[1], group),
+                                                            starts))):
+        def group_back(carry, inp, first=first, size=size):
+            k, start = inp
+            idx = first + k * size + jnp.arange(size)
+            _, (states, keys) = jax.lax.scan(advance, start, idx)
+            carry, _ = jax.lax.scan(step_back, carry, (idx, states, keys), reverse=True)
+            return carry, None
+
+        count = jax.tree.leaves(group_starts)[0].shape[0]
+        carry, _ = jax.lax.scan(group_back, carry, (jnp.arange(count), group_starts),
+                                reverse=True)
+    d_state, d_consts, d_xs = carry
+    return (d_state, d_xs, *d_consts)
+
+
+scan_tokens = jax.custom_vjp(_scan_tokens_plain, nondiff_argnums=(5,))
+scan_tokens.defvjp(_scan_tokens_fwd, _scan_tokens_bwd)
+scan_tokens.__doc__ = """``n`` mini-batches in the dual form, token-major, differentiated by hand.
+
+``scan_tokens(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)`` with
+``xs = (xq, xk, xv, lr)`` laid out ``[B, n, b, H, f]`` (``lr: [B, n, b, H]``: the projections'
+own layout, a reshape of ``[B, L, H, f]``) and ``z_bar: [B, n, b, H, f]``. Each step reads its
+mini-batch with a dynamic slice and writes its outputs in place, so no input or output is
+ever transposed as a whole. The backward pass keeps the start state of every ``group``-th
+mini-batch (the last group may be shorter), recomputes the others, and runs
+``_dual_step_bwd`` from the last mini-batch to the first, writing the inputs' cotangents in
+place the same way.
+"""
 
 
 def _scan(step: Callable, carry, xs, group: int):
@@ -117,24 +314,59 @@ def _scan(step: Callable, carry, xs, group: int):
     return carry, ys
 
 
-def _dual_chunks(state, xq, xk, xv, lr, tok, ln_weight, ln_bias, group):
-    """Scans ``n`` whole mini-batches; inputs ``[B, H, n, b, ...]``, output ``[B, H, n, b, f]``."""
-    eta = tok[:, None] * lr[..., None, :]  # [B, H, n, b, b]
-    m1 = jnp.tril(eta * (mm(xq, _swap(xk)) + 1.0))  # [B, H, n, b, b]
-    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), (xq, xk, xv, lr, m1))  # [n, B, H, ...]
+def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp):
+    """``n`` whole mini-batches, token-major ``[B, n, b, H, ...]`` in and ``z_bar`` out.
+
+    ``hand_vjp``: ``scan_tokens``; otherwise the same steps differentiated by autodiff under
+    ``jax.checkpoint`` (``_scan``), on inputs transposed to ``[n, B, H, b, ...]``.
+    """
+    if hand_vjp:
+        n = xs[0].shape[1]
+        return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n))
+    xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 
     def step(carry, x):
         return dual_step(carry, *x, tok, ln_weight, ln_bias)
 
-    state, z_bar = _scan(step, state, xs, group)  # z_bar: [n, B, H, b, f]
-    return state, jnp.moveaxis(z_bar, 0, 2)
+    state, z_bar = _scan(step, state, xs, group)  # [n, B, H, b, f]
+    return state, jnp.swapaxes(jnp.moveaxis(z_bar, 0, 1), 2, 3)
+
+
+def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[Array, "B L H f"],
+                    xv: Float[Array, "B L H f"], lr: Float[Array, "B L H"],
+                    learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
+                    ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
+                    initial_state: InnerState | None = None, hand_vjp: bool = True):
+    """``ttt_dual`` on token-major inputs ``[B, L, H, f]`` (``lr: [B, L, H]``).
+
+    The projections' own layout (``[B, L, d]`` split into heads by a reshape); ``out`` comes
+    back ``[B, L, H, f]``. Returns ``(out, state)`` as ``ttt_dual``.
+    """
+    bsz, length, heads, f = xq.shape
+    b = learnable_token_idx.shape[-1]
+    tok = token_weights(learnable_token_idx)
+    lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, f]
+    state = initial_state if initial_state is not None else inner.init_state(params, bsz)
+    n, r = divmod(length, b)
+    parts = []
+    if n:
+        xs = tuple(x[:, :n * b].reshape(bsz, n, b, *x.shape[2:]) for x in (xq, xk, xv, lr))
+        state, z_bar = _dual_chunks(state, xs, tok, lnw, lnb, checkpoint_group, hand_vjp)
+        parts.append(z_bar.reshape(bsz, n * b, heads, f))
+    if r:  # the final partial mini-batch is a shorter mini-batch, no padding (docs/architecture.md §1.7)
+        xs = tuple(x[:, n * b:, None] for x in (xq, xk, xv, lr))  # [B, 1, r, ...]
+        xs = tuple(jnp.moveaxis(x, 2, 1) for x in xs)
+        state, z_bar = _dual_chunks(state, xs, tok[:r], lnw, lnb, 0, hand_vjp)
+        parts.append(z_bar.reshape(bsz, r, heads, f))
+    z_bar = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return xq + layer_norm(z_bar, ln_weight, ln_bias), state
 
 
 def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
              xv: Float[Array, "B H L f"], lr: Float[Array, "B H L"],
              learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
              ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
-             initial_state: InnerState | None = None):
+             initial_state: InnerState | None = None, hand_vjp: bool = True):
     """TTT over a whole sequence in the dual form.
 
     Args:
@@ -146,30 +378,19 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
       checkpoint_group: keep the carried state only every this many mini-batches in the
         backward pass (0 or 1: every mini-batch).
       initial_state: ``[B, H, ...]`` weights to start from instead of tiling ``params``.
+      hand_vjp: differentiate the scan by its hand-written derivative (``scan_tokens``);
+        False: by autodiff of ``dual_step`` under ``jax.checkpoint``. Same values either way,
+        to float rounding.
 
     Returns:
       ``(out, state)``: ``out = xq + LN(z_bar)`` of shape ``[B, H, L, f]`` and the inner state
       after the last (possibly partial) mini-batch.
     """
-    bsz, heads, length, f = xq.shape
-    b = learnable_token_idx.shape[-1]
-    tok = token_weights(learnable_token_idx)
-    lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, f]
-    state = initial_state if initial_state is not None else inner.init_state(params, bsz)
-    n, r = divmod(length, b)
-    outs = []
-    if n:
-        cut = n * b
-        full = [x[:, :, :cut].reshape(bsz, heads, n, b, *x.shape[3:]) for x in (xq, xk, xv, lr)]
-        state, z_bar = _dual_chunks(state, *full, tok, lnw, lnb, checkpoint_group)
-        outs.append(z_bar.reshape(bsz, heads, cut, f))  # [B, H, n*b, f]
-    if r:  # the final partial mini-batch is a shorter mini-batch, no padding (docs/architecture.md §1.7)
-        part = [x[:, :, n * b:, None] for x in (xq, xk, xv, lr)]  # [B, H, r, 1, ...]
-        part = [jnp.swapaxes(x, 2, 3) for x in part]  # [B, H, 1, r, ...]
-        state, z_bar = _dual_chunks(state, *part, tok[:r], lnw, lnb, 0)
-        outs.append(z_bar.reshape(bsz, heads, r, f))
-    z_bar = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    return xq + layer_norm(z_bar, lnw, lnb), state
+    tokens = (*(jnp.swapaxes(x, 1, 2) for x in (xq, xk, xv)), jnp.swapaxes(lr, 1, 2))
+    out, state = ttt_dual_tokens(params, *tokens, learnable_token_idx, ln_weight, ln_bias,
+                                 checkpoint_group=checkpoint_group, initial_state=initial_state,
+                                 hand_vjp=hand_vjp)
+    return jnp.swapaxes(out, 1, 2), state
 
 
 def primal_token_step(carry, x, tok, ln_weight, ln_bias):

@@ -19,7 +19,7 @@ from ttt_jax.config import TTTConfig
 from ttt_jax.math.inner import gelu_tanh
 from ttt_jax.math.rope import apply_bounded_rope
 from ttt_jax.math import inner
-from ttt_jax.math.ttt import ttt_dual, ttt_stream, ttt_token
+from ttt_jax.math.ttt import ttt_dual_tokens, ttt_stream, ttt_token
 from ttt_jax.nn.layers import CausalDepthwiseConv, last_inputs
 from ttt_jax.types import SequenceMetadata
 
@@ -33,6 +33,11 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     """``x / max(||x||, eps)`` over the last axis."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
     return x / jnp.maximum(norm, QK_L2_NORM_EPS)
+
+
+def _heads_first(xq, xk, xv, lr):
+    """Token-major ``[B, L, H, f]`` (``lr: [B, L, H]``) -> ``[B, H, L, f]`` (``[B, H, L]``)."""
+    return (*(jnp.swapaxes(v, 1, 2) for v in (xq, xk, xv)), jnp.swapaxes(lr, 1, 2))
 
 
 class TTTLayer(nn.Module):
@@ -85,10 +90,10 @@ class TTTLayer(nn.Module):
                              f"the input width does not match TTTConfig.model_dim")
 
     def _heads(self, x):
-        """``[B, L, d] -> [B, H, L, f]`` in float32."""
+        """``[B, L, d] -> [B, L, H, f]`` in float32 (a reshape: no transpose)."""
         bsz, length, _ = x.shape
         x = x.reshape(bsz, length, self.config.num_heads, self.config.head_dim)
-        return jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)  # [B, H, L, f]
+        return x.astype(jnp.float32)
 
     def ttt_inputs(self, x, metadata: Optional[SequenceMetadata] = None, qk_tail=None):
         """Projections, L2 norm, RoPE and learning rates: the inputs of the inner loop.
@@ -102,10 +107,13 @@ class TTTLayer(nn.Module):
         Returns:
           ``(xq, xk, xv, lr)``: ``[B, H, L, f]`` float32 each and ``lr: [B, H, L]``.
         """
-        return self._inputs(x, metadata, qk_tail)[:4]
+        return _heads_first(*self._inputs(x, metadata, qk_tail)[:4])
 
     def _inputs(self, x, metadata, qk_tail):
-        """``ttt_inputs`` plus the shared Q/K projection (the conv's input) or None."""
+        """``ttt_inputs`` token-major plus the shared Q/K projection (the conv's input) or None.
+
+        Returns ``(xq, xk, xv, lr, shared)``: ``[B, L, H, f]`` float32 each and ``lr: [B, L, H]``.
+        """
         cfg = self.config
         self._check_input(x)
         xq = shared = self.q_proj(x)
@@ -123,16 +131,19 @@ class TTTLayer(nn.Module):
             pos = meta.positions(x.shape[0], x.shape[1])
             xq, xk = apply_bounded_rope(xq, xk, pos, mini_batch_size=cfg.mini_batch_size,
                                         theta=cfg.rope_theta, layout=cfg.rope_layout,
-                                        bounded=cfg.rope_bounded)
-        logits = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.learnable_ttt_lr_weight)
-        logits = logits + self.learnable_ttt_lr_bias[:, None]  # [B, H, L]
+                                        bounded=cfg.rope_bounded, head_axis=2)
+        logits = jnp.einsum("bld,hd->blh", x.astype(jnp.float32), self.learnable_ttt_lr_weight)
+        logits = logits + self.learnable_ttt_lr_bias  # [B, L, H]
         lr = cfg.ttt_base_lr * jax.nn.sigmoid(logits) / cfg.head_dim
         return xq, xk, xv, lr, shared
 
     def output(self, ttt_out, x):
-        """Merge heads -> post_norm -> optional gate -> o_proj (docs/architecture.md §1.8)."""
+        """Merge heads -> post_norm -> optional gate -> o_proj (docs/architecture.md §1.8).
+
+        ``ttt_out``: ``[B, H, L, f]``.
+        """
         bsz, _, length, _ = ttt_out.shape
-        out = jnp.transpose(ttt_out, (0, 2, 1, 3)).reshape(bsz, length, self.config.model_dim)
+        out = jnp.swapaxes(ttt_out, 1, 2).reshape(bsz, length, self.config.model_dim)
         out = self.post_norm(out)
         if self.config.use_gate:
             out = gelu_tanh(self.g_proj(x).astype(jnp.float32)) * out
@@ -143,13 +154,15 @@ class TTTLayer(nn.Module):
 
         Returns: ``[B, L, model_dim]`` in the compute dtype.
         """
-        xq, xk, xv, lr = self.ttt_inputs(x, metadata)
+        xq, xk, xv, lr, _ = self._inputs(x, metadata, None)  # token-major [B, L, H, f]
         # Kept only when the caller makes `intermediates` mutable (ttt_jax.diagnostics).
-        self.sow("intermediates", "ttt_inputs", (xq, xk, xv, lr))
-        out, _ = ttt_dual(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
-                          self.ttt_norm_weight, self.ttt_norm_bias,
-                          checkpoint_group=self.config.scan_checkpoint_group)
-        return self.output(out, x)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "ttt_inputs", _heads_first(xq, xk, xv, lr))
+        out, _ = ttt_dual_tokens(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
+                                 self.ttt_norm_weight, self.ttt_norm_bias,
+                                 checkpoint_group=self.config.scan_checkpoint_group)
+        # Heads first for `output`'s contract; XLA cancels the two transposes.
+        return self.output(jnp.swapaxes(out, 1, 2), x)
 
     # --- Streaming ---------------------------------------------------------------------------
 
@@ -195,6 +208,7 @@ class TTTLayer(nn.Module):
         bsz, n, _ = x.shape
         meta = SequenceMetadata(offset=cache["position"])
         xq, xk, xv, lr, shared = self._inputs(x, meta, cache.get("qk_tail"))
+        xq, xk, xv, lr = _heads_first(xq, xk, xv, lr)
         args = (self.learnable_token_idx, self.ttt_norm_weight, self.ttt_norm_bias)
         if n == 1 and lengths is None:
             out, (state0, acc, phase) = ttt_token(

@@ -1,0 +1,121 @@
+"""The dual form's hand-written derivative (``ttt_jax/math/ttt.py``: ``scan_dual_vjp``,
+``_dual_step_bwd``, docs/architecture.md §1.6) against autodiff of the plain dual form, and
+against finite differences of the float64 numpy primal form (``tests/reference.py``, §1.7).
+
+Every case differentiates with respect to every input of ``ttt_dual`` (initial weights, Q/K/V,
+learning rates, ``learnable_token_idx``, the inner LayerNorm) a loss that reads both the
+outputs and the final state, for both inner models, with RoPE on and off, with and without a
+final partial mini-batch, and with ``checkpoint_group`` 0 and 3 (``n = 4`` whole mini-batches:
+one group of 3 and a shorter group of 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:  # tests/ is on sys.path under pytest's default import mode
+    import reference as ref
+except ImportError:  # tests/ imported as a package
+    from tests import reference as ref
+from ttt_jax.math import rope
+from ttt_jax.math.ttt import ttt_dual
+
+B, H, F, MB = 2, 2, 8, 4
+# jit at tiny shapes: XLA's backend optimisations cost more compile time than they save.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+CASES = list(itertools.product(["linear", "mlp"], [False, True], [4 * MB, 3 * MB + 1], [0, 3]))
+ARGNAMES = ("params", "xq", "xk", "xv", "lr", "token_idx", "ln_w", "ln_b")
+
+
+def _inputs(layer_type, length, seed):
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    normal = lambda shape, scale: scale * jax.random.normal(next(keys), shape)  # noqa: E731
+    widths = (F, F) if layer_type == "linear" else (F, 4 * F, F)
+    params = tuple((normal((H, widths[i], widths[i + 1]), 0.3), normal((H, 1, widths[i + 1]), 0.1))
+                   for i in range(len(widths) - 1))
+    xq, xk, xv = (normal((B, H, length, F), 1.0) for _ in range(3))
+    lr = 0.5 * jax.nn.sigmoid(normal((B, H, length), 1.0))
+    return (params, xq, xk, xv, lr, normal((MB,), 0.1), 1.0 + normal((H, F), 0.1),
+            normal((H, F), 0.1))
+
+
+def _positions(length):
+    return jnp.arange(length)[None] + jnp.array([[0], [3]])  # [B, L]: two different phases
+
+
+def _loss_fn(use_rope, group, hand_vjp, length):
+    """A scalar of ``ttt_dual``'s outputs and final state (RoPE rotates Q/K first)."""
+    w_out = jnp.cos(jnp.arange(B * H * length * F, dtype=jnp.float32)).reshape(B, H, length, F)
+
+    def loss(params, xq, xk, xv, lr, token_idx, ln_w, ln_b):
+        if use_rope:
+            xq, xk = rope.apply_bounded_rope(xq, xk, _positions(length), mini_batch_size=MB,
+                                             theta=10000.0, layout="interleaved")
+        out, state = ttt_dual(params, xq, xk, xv, lr, token_idx, ln_w, ln_b,
+                              checkpoint_group=group, hand_vjp=hand_vjp)
+        tail = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(state))
+        return jnp.sum(out * w_out) + tail
+
+    return loss, w_out
+
+
+def _grads(loss, args):
+    fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))), compiler_options=FAST_COMPILE)
+    return fn(*args)
+
+
+@pytest.mark.parametrize("layer_type,use_rope,length,group", CASES,
+                         ids=[f"{t}-rope{int(r)}-L{n}-g{g}" for t, r, n, g in CASES])
+def test_hand_vjp_matches_autodiff(layer_type, use_rope, length, group):
+    args = _inputs(layer_type, length, seed=length + group)
+    hand = _grads(_loss_fn(use_rope, group, True, length)[0], args)
+    auto = _grads(_loss_fn(use_rope, group, False, length)[0], args)
+    for name, a, b in zip(ARGNAMES, hand, auto):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            scale = float(jnp.max(jnp.abs(y)))
+            assert scale > 1e-4, f"{name}: no gradient to compare"
+            err = float(jnp.max(jnp.abs(x - y)))
+            assert err <= 2e-5 * scale, f"{name}: hand {err:.2e} from autodiff (scale {scale:.2e})"
+
+
+def _reference_value(use_rope, length, w_out):
+    """The loss in float64 through ``tests/reference.py``'s primal form."""
+    pos = np.asarray(_positions(length))
+
+    def value(args):
+        params, xq, xk, xv, lr, token_idx, ln_w, ln_b = args
+        if use_rope:
+            xq, xk = (ref.rope(np.asarray(x, np.float64), pos, MB, 10000.0, "interleaved")
+                      for x in (xq, xk))
+        out, state = ref.inner_loop(params, xq, xk, xv, lr, token_idx, ln_w, ln_b)
+        tail = sum(np.sum(np.sin(leaf)) for layer in state for leaf in layer)
+        return float(np.sum(out * np.asarray(w_out, np.float64)) + tail)
+
+    return value
+
+
+@pytest.mark.parametrize("layer_type,use_rope", [("linear", True), ("mlp", False)])
+def test_hand_vjp_matches_finite_differences_of_the_reference(layer_type, use_rope):
+    length, group, step = 3 * MB + 1, 3, 1e-4
+    args = _inputs(layer_type, length, seed=7)
+    loss, w_out = _loss_fn(use_rope, group, True, length)
+    grads = _grads(loss, args)
+    value = _reference_value(use_rope, length, w_out)
+    point = jax.tree.map(lambda a: np.asarray(a, np.float64), args)
+    flat_point, tree = jax.tree.flatten(point)
+    flat_grads = jax.tree.leaves(grads)
+    rng = np.random.default_rng(0)
+    for i, (base, g) in enumerate(zip(flat_point, flat_grads)):
+        u = rng.standard_normal(base.shape)
+        u /= np.linalg.norm(u)
+        shifted = lambda sign: value(jax.tree.unflatten(  # noqa: E731
+            tree, flat_point[:i] + [base + sign * step * u] + flat_point[i + 1:]))
+        fd = (shifted(1.0) - shifted(-1.0)) / (2 * step)
+        ad = float(np.sum(np.asarray(g, np.float64) * u))
+        assert abs(fd) > 1e-6, f"leaf {i}: the loss does not depend on it"
+        assert abs(ad - fd) <= 1e-4 * abs(fd), f"leaf {i}: grad {ad:.8e} vs FD {fd:.8e}"
