@@ -115,9 +115,12 @@ def preflight(cfg, arch=None) -> None:
     check_directory(run_dir / CHECKPOINT_DIR,
                     f"the checkpoint directory {str(run_dir / CHECKPOINT_DIR)!r}")
     check_ownership(run_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite)
-    # One checkpoint: the float32 params and Adam's two moments, from shapes alone.
-    shapes = jax.tree.leaves(arch.param_shapes(cfg.model))
-    need = 3 * sum(x.size * x.dtype.itemsize for x in shapes)
+    # One checkpoint: the params and the optimizer state as the run builds them (no moments
+    # for frozen params), from shapes alone.
+    optimizer = arch.make_optimizer(cfg)
+    shapes = jax.tree.leaves(jax.eval_shape(lambda k: arch.init_state(cfg, optimizer, k),
+                                            jax.random.PRNGKey(0)))
+    need = sum(x.size * x.dtype.itemsize for x in shapes)
     check_free_space(run_dir / CHECKPOINT_DIR, need,
                      f"the checkpoint directory {str(run_dir / CHECKPOINT_DIR)!r}")
 
