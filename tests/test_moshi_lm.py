@@ -276,7 +276,8 @@ def test_7b_preset_is_the_published_model():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "moshi_lm_7b.yaml").model
     want = from_moshi_lm_kwargs(loaders._lm_kwargs, ttt=cfg.ttt, dtype=cfg.dtype,
-                                text_padding_weight=0.5, first_codebook_weight_multiplier=100.0)
+                                text_padding_weight=0.5, first_codebook_weight_multiplier=100.0,
+                                remat=cfg.remat)
     assert cfg == want
     assert cfg.temporal.ttt_layers == tuple(range(8, 24))
     # What MoshiLM does not implement is refused by its LMModel key.
