@@ -6,9 +6,13 @@ state carried by the previous one; every gradient inside it is taken at that sta
 
 Two implementations of the same function:
 
-* ``ttt_dual``: the dual form, a ``lax.scan`` over mini-batches, a few matmuls per step, with an
-  exact shorter final mini-batch when ``L % b != 0``; each step is rematerialised in the
-  backward pass, and optionally only every k-th carried state is kept.
+* ``ttt_dual`` (``[B, H, L, f]``) and ``ttt_dual_tokens`` (token-major ``[B, L, H, f]``, the
+  layer's): the dual form, a ``lax.scan`` over mini-batches, a few matmuls per step, with an
+  exact shorter final mini-batch when ``L % b != 0``. By default the scan (``scan_tokens``)
+  reads each mini-batch from the token-major inputs and writes its outputs in place, and is
+  differentiated by hand (``_dual_step_bwd``): the backward pass keeps the carried state only
+  every k-th mini-batch (1 by default) and recomputes the rest. ``hand_vjp=False`` is the same
+  function differentiated by autodiff under ``jax.checkpoint`` (the reference for the tests).
 * ``ttt_primal``: the definition, a ``lax.scan`` over tokens that accumulates per-token
   gradients taken at the mini-batch's starting state. Slow; a baseline for benchmarks and the
   basis of streaming decode.
