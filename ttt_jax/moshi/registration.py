@@ -82,15 +82,21 @@ def without_lora(cfg, params):
     return dataclasses.replace(cfg, lora=LoRAConfig()), merge(params, cfg.lora.scaling)
 
 
+def _exact_float32(cfg, params, dtype, name: str):
+    """The model config and params an export writes (LoRA merged); only float32 is written
+    (the Moshi exports are exact, so ``allow_inexact`` changes nothing)."""
+    if dtype not in (None, "float32"):
+        raise ValueError(f"--dtype {dtype} is invalid: a {name} export is float32")
+    return without_lora(cfg.model, params)
+
+
 def export_torch(cfg: MoshiRunConfig, params, out, *, dtype=None, force=False,
                  allow_inexact=False, key="the model") -> str:
     """moshi's names for the backbone, the Moshi-TTT names for the TTT layers (float32)."""
     from ttt_jax.moshi.export import CONFIG_NAME, WEIGHTS_NAME, save_torch
 
-    del allow_inexact, key  # the export is exact
-    if dtype not in (None, "float32"):
-        raise ValueError(f"--dtype {dtype} is invalid: a moshi_ttt export is float32")
-    save_torch(*without_lora(cfg.model, params), out, force=force)
+    del allow_inexact, key
+    save_torch(*_exact_float32(cfg, params, dtype, "moshi_ttt"), out, force=force)
     return f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
 
 
@@ -145,10 +151,8 @@ def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
     """``LMModel`` keys in ``model.safetensors``, the TTT layers in ``ttt.safetensors``."""
     from ttt_jax.moshi.lm_convert import CONFIG_NAME, MODEL_NAME, TTT_NAME, save_lm
 
-    del allow_inexact, key  # the export is exact
-    if dtype not in (None, "float32"):
-        raise ValueError(f"--dtype {dtype} is invalid: a moshi_lm export is float32")
-    save_lm(*without_lora(cfg.model, params), out, force=force)
+    del allow_inexact, key
+    save_lm(*_exact_float32(cfg, params, dtype, "moshi_lm"), out, force=force)
     ttt = f", {out / TTT_NAME}" if cfg.model.temporal.ttt_layers else ""
     return f"wrote {out / MODEL_NAME}{ttt} and {out / CONFIG_NAME}"
 
