@@ -17,7 +17,10 @@ from ttt_jax.moshi.data import make_frames_dataset
 from ttt_jax import registry
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted((REPO / "configs").glob("moshi_ttt*.yaml"))  # moshi_lm: tests/test_moshi_lm.py
+# The presets of the hybrid (architecture: moshi_ttt); those of the whole LMModel (moshi_lm, the
+# 7B Moshi-TTT recipe among them) are in tests/test_moshi_lm.py.
+PRESETS = sorted(p for p in (REPO / "configs").glob("moshi_*.yaml")
+                 if "architecture: moshi_ttt" in p.read_text())
 
 
 def expected_param_count(model: dict) -> int:
@@ -47,7 +50,7 @@ def expected_param_count(model: dict) -> int:
 
 
 def test_presets_exist():
-    assert {p.name for p in PRESETS} >= {"moshi_ttt_tiny.yaml", "moshi_ttt_7b.yaml"}
+    assert {p.name for p in PRESETS} == {"moshi_ttt_tiny.yaml"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -64,14 +67,23 @@ def test_preset_parses_round_trips_and_counts(path, tmp_path):
     assert count == expected_param_count(yaml.safe_load(path.read_text())["model"])
 
 
-def test_7b_preset_is_moshi_7b_with_ttt_in_the_middle():
-    cfg = load_config(REPO / "configs" / "moshi_ttt_7b.yaml", MoshiRunConfig).model
+def test_7b_preset_is_the_whole_moshi_7b_with_ttt_in_the_middle():
+    """The Moshi-TTT 7B recipe is the published LMModel (moshi_lm_7b.yaml, checked against
+    moshi's own keyword arguments in tests/test_moshi_lm.py) with TTT-MLP in layers 8-23."""
+    from ttt_jax.moshi.lm_config import MoshiLMRunConfig
+
+    run = load_config(REPO / "configs" / "moshi_ttt_7b.yaml")
+    plain = load_config(REPO / "configs" / "moshi_lm_7b.yaml")
+    assert isinstance(run, MoshiLMRunConfig) and isinstance(plain, MoshiLMRunConfig)
+    cfg = run.model
     t = cfg.transformer
     assert (t.d_model, t.num_layers, t.num_heads, t.context) == (4096, 32, 32, 3000)
     assert t.hidden_size == 11264 and t.layer_scale is None and t.norm == "rms_norm_f32"
-    assert cfg.ttt_layers == tuple(range(8, 24))
-    count = registry.get("moshi_ttt").count_params(cfg)
-    assert 7.5e9 < count < 9e9, count  # 6.6B backbone + 1.1B TTT + streams
+    assert cfg.temporal.ttt_layers == tuple(range(8, 24)) and plain.model.temporal.ttt_layers == ()
+    assert cfg.ttt.noop_init and cfg.ttt.freeze_backbone
+    assert dataclasses.replace(cfg, ttt=plain.model.ttt) == plain.model
+    count = registry.get("moshi_lm").count_params(cfg)
+    assert 8.5e9 < count < 9e9, count  # 7.7B LMModel + 1.1B TTT
 
 
 def test_moshi_ttt_block_file_loads_unchanged(tmp_path):

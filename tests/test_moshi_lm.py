@@ -279,7 +279,7 @@ def test_7b_preset_is_the_published_model():
                                 text_padding_weight=0.5, first_codebook_weight_multiplier=100.0,
                                 remat=cfg.remat)
     assert cfg == want
-    assert cfg.temporal.ttt_layers == tuple(range(8, 24))
+    assert cfg.temporal.ttt_layers == ()  # as published; moshi_ttt_7b.yaml grafts TTT
     # What MoshiLM does not implement is refused by its LMModel key.
     for key, value in (("depformer_norm", "rms_norm"), ("norm_emb", True),
                        ("positional_scale", 0.5), ("depformer_low_rank_embeddings", 64),

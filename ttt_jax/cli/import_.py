@@ -1,7 +1,7 @@
 """``ttt-jax import``: PyTorch weights into this project, by architecture.
 
   ttt-jax import --in EXPORT_DIR --out FILE.msgpack [--config-out FILE.yaml] [--force]
-  ttt-jax import --in moshi.safetensors --config moshi_ttt_7b --out RUN_DIR \\
+  ttt-jax import --in moshi.safetensors --config moshi_ttt_tiny --out RUN_DIR \\
       [--prefix transformer.] [--seed 0]
   ttt-jax import --in moshi.safetensors --config moshi_lm_tiny --out RUN_DIR [--seed 0]
 
