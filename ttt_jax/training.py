@@ -135,7 +135,9 @@ class OwnObjective:
     losses)."""
 
     def loss_sums(self, tokens, mask):
-        raise NotImplementedError
+        """``(loss_sum, count)`` of one micro-batch; each model with this mixin defines it."""
+        raise TypeError(f"{type(self).__name__} is an OwnObjective model but does not define "
+                        f"loss_sums(tokens, mask)")
 
 
 def _loss_sums(model: nn.Module, params, tokens, mask):
