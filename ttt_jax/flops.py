@@ -33,12 +33,10 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def _dot_flops(eqn) -> float:
-    (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
-    out = eqn.outvars[0].aval.shape
-    contracted = math.prod(lhs[d] for d in lhs_contract)
-    del lhs_batch  # the output already holds the batch and both free dimensions
-    return 2.0 * math.prod(out) * contracted
+    out = eqn.outvars[0].aval.shape  # the batch and both free dimensions
+    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
 
 
 def _conv_flops(eqn) -> float:
