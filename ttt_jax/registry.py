@@ -107,10 +107,14 @@ class Architecture:
                               scales=self.lr_scales(cfg), frozen=tuple(self.frozen_groups(cfg)))
 
     def init_state(self, cfg, optimizer, key: jax.Array):
-        """The initial ``TrainState``; pure, so the trainer can jit it (or shard it)."""
-        from ttt_jax.training import new_state
+        """The initial ``TrainState``; pure, so the trainer can jit it (or shard it). A model
+        that carries state between steps (``training.carries_state``) starts with the fresh
+        state of every batch row."""
+        from ttt_jax.training import init_carry, new_state
 
-        return new_state(self.init_params(cfg.model, key), optimizer)
+        params = self.init_params(cfg.model, key)
+        carry = init_carry(self.build_model(cfg.model), params, cfg.data.batch_size)
+        return new_state(params, optimizer, carry)
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -24,11 +24,14 @@ NO_DECAY = ("bias", "scale", "weight", "learnable_token_idx", "learnable_ttt_lr_
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything a step changes: ``step``, ``params``, ``opt_state``."""
+    """Everything a step changes: ``step``, ``params``, ``opt_state``, and ``carry``, the
+    model state carried from one step's batch to the next (``carries_state``; ``None``, an
+    empty pytree, for every other model, so their checkpoints hold the first three only)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    carry: Any = None
 
 
 def decay_mask(params) -> Any:
@@ -106,10 +109,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *,
                        optax.multi_transform(transforms, labels))
 
 
-def new_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0: ``params`` and a fresh optimizer state."""
+def new_state(params, optimizer: optax.GradientTransformation, carry=None) -> TrainState:
+    """Step 0: ``params``, a fresh optimizer state and the model's initial ``carry``."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params), carry=carry)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -140,6 +143,21 @@ class OwnObjective:
                         f"loss_sums(tokens, mask)")
 
 
+def carries_state(model: nn.Module) -> bool:
+    """Whether ``model`` is trained with a state carried between steps: it defines
+    ``init_carry(batch)`` and ``loss_sums_carry(tokens, mask, carry) -> ((loss_sum, count),
+    carry')`` and sets ``persistent_states`` (e.g. a Moshi model reading recordings in order).
+    Row ``i`` of every batch continues row ``i`` of the one before."""
+    return bool(getattr(model, "persistent_states", False))
+
+
+def init_carry(model: nn.Module, params, batch: int):
+    """The carried state of ``batch`` fresh rows, or ``None`` when the model carries none."""
+    if not carries_state(model):
+        return None
+    return model.apply({"params": params}, batch, method="init_carry")
+
+
 def _loss_sums(model: nn.Module, params, tokens, mask):
     if isinstance(model, OwnObjective):
         return model.apply({"params": params}, tokens, mask, method="loss_sums")
@@ -160,25 +178,45 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     gradient is). With ``skip_nonfinite``, a step whose loss or gradient norm is not finite
     keeps the old params and optimizer state (a ``jnp.where`` on every leaf; the step counter
     still advances, so the batch is consumed) and reports ``metrics["skipped"]``.
+
+    A model that ``carries_state`` reads ``state.carry`` (one entry per batch row) and leaves
+    its new value in the returned state; no gradient flows from one step into the last.
     """
 
+    carried = carries_state(model)
+
+    def loss(params, toks, msk, rows):
+        if not carried:
+            s, n = _loss_sums(model, params, toks, msk)
+            return s, (n, None)
+        (s, n), rows = model.apply({"params": params}, toks, msk, rows,
+                                   method="loss_sums_carry")
+        return s, (n, rows)
+
     def train_step(state: TrainState, tokens, mask=None):
+        k = tokens.shape[0]
+        # The carried rows follow the batch's rows: micro-batch i holds rows [i*m, (i+1)*m).
+        rows = (None if state.carry is None else
+                jax.tree.map(lambda c: c.reshape(k, c.shape[0] // k, *c.shape[1:]), state.carry))
+
         def micro(carry, xs):
             grads, loss_sum, count = carry
-            toks, msk = xs
-            (s, n), g = jax.value_and_grad(
-                lambda p: _loss_sums(model, p, toks, msk), has_aux=True)(state.params)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
+            toks, msk, r = xs
+            (s, (n, r)), g = jax.value_and_grad(loss, has_aux=True)(state.params, toks, msk, r)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), r
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         init = (zeros, jnp.zeros(()), jnp.zeros(()))
-        (grads, loss_sum, count), _ = jax.lax.scan(micro, init, (tokens, mask))
+        (grads, loss_sum, count), rows = jax.lax.scan(micro, init, (tokens, mask, rows))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        carry = (None if rows is None else
+                 jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), rows))
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            carry=carry)
         if skip_nonfinite:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             kept = state.replace(step=state.step + 1)

@@ -25,7 +25,7 @@ ARCHITECTURE = "moshi_ttt"
 NormType = Literal["rms_norm", "rms_norm_f32"]
 Gating = Literal["silu"]
 PositionalEmbedding = Literal["rope", "none"]
-MoshiDataSource = Literal["bytes", "codebooks", "synthetic"]
+MoshiDataSource = Literal["bytes", "codebooks", "synthetic", "motifs"]
 # model.remat: keep every activation for the backward pass, or only each backbone layer's
 # input (the layer's forward is recomputed in the backward pass).
 Remat = Literal["none", "layer"]
@@ -131,6 +131,10 @@ class TTTArgs:
         nothing (the grafted model equals its base); ``o_proj`` still gets gradient from the
         first step, and every TTT param from the second.
       scan_checkpoint_group: ``TTTConfig.scan_checkpoint_group``.
+      persistent_states: train on consecutive windows of each recording in order, carrying
+        the temporal transformer's state (every TTT layer's inner state and the attention's
+        key/value window) from one window to the next, fresh at the start of a recording
+        (``architecture: moshi_lm`` with recordings as data; docs/moshi.md).
     """
 
     YAML_ALIASES: ClassVar[dict[str, str]] = {"base_lr": "ttt_base_lr"}
@@ -138,9 +142,6 @@ class TTTArgs:
     # the value that leaves them off, refused otherwise with the reason (docs/moshi.md has the
     # table of every key).
     YAML_FOREIGN: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "persistent_states": ((False,), "carrying the TTT state from one training chunk to the "
-                              "next is not implemented yet; every sequence starts from the "
-                              "initial TTT weights"),
         "override_gating_alpha_on_resume": ((False,), "to restart the gating, start a new run "
                                             "with checkpoint.init_from and "
                                             "optim.trainable / ttt.initial_gating_alpha"),
@@ -190,11 +191,12 @@ class TTTArgs:
     pre_norm: bool = False
     noop_init: bool = False
     scan_checkpoint_group: int = 0
+    persistent_states: bool = False
 
     def __post_init__(self):
         s = "ttt"
         _check_bools(s, self, ("enable", "use_rope", "freeze_backbone", "qk_l2_norm",
-                               "pre_norm", "noop_init"))
+                               "pre_norm", "noop_init", "persistent_states"))
         if isinstance(self.layers, bool) or not isinstance(self.layers, (str, int)):
             _fail(s, "layers", self.layers, "none, all, middle or indices like \"1,5,9\"")
         _parse_layer_spec(str(self.layers), None)  # syntax now, range once N is known
@@ -324,6 +326,10 @@ class MoshiDataConfig:
       seq_len: frames per training sequence.
       batch_size: sequences per optimizer step.
       val_fraction: ``codebooks``: the last this fraction of every file's frames is val.
+      recordings: ``motifs``: generated recordings per split (``motifs``: ``[K, T]`` streams
+        in which random motifs recur far apart, so that predicting them needs a memory longer
+        than attention's window; ``ttt_jax/moshi/data.py``).
+      recording_frames: ``motifs``: frames per generated recording.
     """
 
     source: MoshiDataSource = "synthetic"
@@ -331,11 +337,15 @@ class MoshiDataConfig:
     seq_len: int = 64
     batch_size: int = 8
     val_fraction: float = 0.1
+    recordings: int = 32
+    recording_frames: int = 1024
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, get_args(MoshiDataSource))
         _check_int("data", "seq_len", self.seq_len)
         _check_int("data", "batch_size", self.batch_size)
+        _check_int("data", "recordings", self.recordings)
+        _check_int("data", "recording_frames", self.recording_frames)
         if self.source == "codebooks" and not self.path:
             _fail("data", "path", self.path, "a .npy file or directory when source=codebooks")
         _check_fraction("data", "val_fraction", self.val_fraction)
@@ -365,6 +375,11 @@ class MoshiRunConfig:
     def __post_init__(self):
         _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))
         check_run_sections(self)
+        if self.model.ttt.persistent_states:
+            _fail("ttt", "persistent_states", True,
+                  "false for architecture moshi_ttt (its streams carry no start-of-recording "
+                  "marker); carrying the state between windows is a feature of "
+                  "architecture: moshi_lm (docs/moshi.md)")
 
 
 def load_ttt_args(data) -> TTTArgs:

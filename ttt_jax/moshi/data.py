@@ -8,6 +8,15 @@ stream; inputs ``[:, :-1]``, targets ``[:, 1:]``), a pure function of ``(seed, s
   random start: the next frame is predictable from the two before it.
 * ``codebooks``: ``.npy`` files shaped ``[K, T]`` (e.g. audio codebooks plus text), one file
   or every ``*.npy`` of a directory; the last ``val_fraction`` of each file's frames is val.
+* ``motifs``: generated ``[K, T]`` recordings (``motif_recording``) in which a few random
+  motifs recur far apart: a model predicts a recurrence only if it remembers the motif's
+  earlier occurrence, which lies beyond a short attention window. Train and val recordings
+  are different ones.
+
+``codebooks`` and ``motifs`` are recordings. Cut into independent windows (``Windows``), or,
+with ``ttt.persistent_states`` on a ``moshi_lm`` model, read in order as delayed windows of one
+recording after another per batch row (``RecordingWindows``), so that the model's carried
+state follows each recording.
 """
 
 from __future__ import annotations
@@ -106,27 +115,69 @@ def load_codebooks(path: str | Path, vocab_sizes: tuple[int, ...]) -> np.ndarray
     return arr
 
 
-class CodebookFrames(_FramesDataset):
-    """Non-overlapping windows of ``L + 1`` frames from ``[K, T]`` files, in seeded epochs."""
+# The motif generator: MOTIFS motifs of MOTIF_FRAMES frames per recording; a recording is a
+# sequence of MOTIF_FRAMES-frame segments, each one of the motifs (probability 1/2, uniform
+# among them) or random noise.
+MOTIFS = 4
+MOTIF_FRAMES = 8
+
+
+def motif_recording(vocab_sizes: tuple[int, ...], frames: int, *, seed: int, split: str,
+                    index: int) -> np.ndarray:
+    """Recording ``index`` of ``split``: int32 ``[K, frames]``, a pure function of its args.
+
+    Every stream of a segment is drawn together: a motif is ``[K, MOTIF_FRAMES]`` random ids
+    fixed for the recording; noise is fresh random ids. Within a recurring motif every frame
+    after the first is predictable from the motif's earlier occurrence (on average
+    ``2 * MOTIFS * MOTIF_FRAMES`` frames before) and from nothing else.
+    """
+    rng = np.random.default_rng([seed, SPLITS.index(split), 0x6D6F7469, index])
+    k, segments = len(vocab_sizes), -(-frames // MOTIF_FRAMES)
+    high = np.asarray(vocab_sizes)[:, None]
+    motifs = rng.integers(0, high[None], (MOTIFS, k, MOTIF_FRAMES))
+    noise = rng.integers(0, high[None], (segments, k, MOTIF_FRAMES))
+    which = rng.integers(0, MOTIFS, segments)
+    use_motif = rng.random(segments) < 0.5
+    blocks = np.where(use_motif[:, None, None], motifs[which], noise)  # [S, K, m]
+    return np.concatenate(list(blocks), axis=1)[:, :frames].astype(np.int32)
+
+
+def recordings(cfg: MoshiDataConfig, vocab_sizes: tuple[int, ...], *, seed: int,
+               split: str) -> tuple[list[np.ndarray], int]:
+    """The split's recordings ``[K, N]`` (memory-mapped for files) and the frames a window
+    needs from each to be used at all (errors name the files' shortfall)."""
+    if cfg.source == "motifs":
+        return [motif_recording(vocab_sizes, cfg.recording_frames, seed=seed, split=split,
+                                index=i) for i in range(cfg.recordings)], 0
+    window = cfg.seq_len + 1
+    out = []
+    for f in _codebook_files(cfg.path):
+        arr = load_codebooks(f, vocab_sizes)
+        n = arr.shape[1]
+        cut = n - max(window, int(round(n * cfg.val_fraction)))
+        if cut > 0:
+            out.append(arr[:, :cut] if split == "train" else arr[:, cut:])
+    return out, 2 * window
+
+
+class Windows(_FramesDataset):
+    """Non-overlapping windows of ``L + 1`` frames from recordings, in seeded epochs."""
 
     source = "codebooks"
 
-    def __init__(self, *, path: str, val_fraction: float, **kw):
+    def __init__(self, *, cfg: MoshiDataConfig, **kw):
         super().__init__(**kw)
+        self.source = cfg.source
         window = self.seq_len + 1
-        self.arrays, self.windows = [], []
-        for f in _codebook_files(path):
-            arr = load_codebooks(f, self.vocab_sizes)
-            n = arr.shape[1]
-            cut = n - max(window, int(round(n * val_fraction)))
-            lo, hi = (0, cut) if self.split == "train" else (cut, n)
-            starts = range(lo, hi - window + 1, window) if cut > 0 else range(0)
-            self.windows += [(len(self.arrays), s) for s in starts]
-            self.arrays.append(arr)
+        self.arrays, need = recordings(cfg, self.vocab_sizes, seed=self.seed, split=self.split)
+        self.windows = [(i, s) for i, arr in enumerate(self.arrays)
+                        for s in range(0, arr.shape[1] - window + 1, window)]
         if not self.windows:
-            raise ValueError(f"codebook data {path!r} ({self.split} split) has no window of "
-                             f"seq_len+1={window} frames: expected files with at least "
-                             f"{2 * window} frames (a train and a val window); lower seq_len")
+            what = (f"files with at least {need} frames (a train and a val window)"
+                    if cfg.source == "codebooks" else "data.recording_frames > seq_len")
+            raise ValueError(f"{cfg.source} data {cfg.path or ''!s} ({self.split} split) has no "
+                             f"window of seq_len+1={window} frames: expected {what}; lower "
+                             f"seq_len")
         self.windows = np.asarray(self.windows)
 
     def batch(self, step: int) -> np.ndarray:
@@ -140,7 +191,69 @@ class CodebookFrames(_FramesDataset):
         return np.stack(out).astype(np.int32)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "files": len(self.arrays), "windows": len(self.windows)}
+        key = "files" if self.source == "codebooks" else "recordings"
+        return {**super().describe(), key: len(self.arrays), "windows": len(self.windows)}
+
+
+class RecordingWindows(_FramesDataset):
+    """Recordings read in order, one delayed window per batch row and step (persistent states).
+
+    Row ``r`` reads, epoch after epoch, the recordings ``permutation_e[r::B]`` one after the
+    other, each as windows ``c = 0, 1, ...`` of its delayed frames ``[cL, cL + L + 1)``
+    (``ttt_jax.moshi.lm.delayed_recording``; consecutive windows overlap by one frame and the
+    first starts with the frame of initial tokens, where the model starts a fresh state). A
+    recording's last partial window is dropped. ``batch(step)`` is ``[B, L + 1, K]``, a pure
+    function of ``(seed, step)``: a resumed run reads exactly what it would have.
+    """
+
+    def __init__(self, *, cfg: MoshiDataConfig, delays: tuple[int, ...],
+                 initial: tuple[int, ...], **kw):
+        super().__init__(**kw)
+        self.source = cfg.source
+        self.delays, self.initial = tuple(delays), tuple(initial)
+        arrays, _ = recordings(cfg, self.vocab_sizes, seed=self.seed, split=self.split)
+        counts = [arr.shape[1] // self.seq_len for arr in arrays]
+        self.arrays = [a for a, c in zip(arrays, counts) if c > 0]
+        self.counts = np.asarray([c for c in counts if c > 0])
+        if len(self.arrays) < self.batch_size:
+            raise ValueError(
+                f"ttt.persistent_states needs at least data.batch_size={self.batch_size} "
+                f"recordings of at least seq_len={self.seq_len} frames (one per batch row), but "
+                f"{self.source} data ({self.split} split) has {len(self.arrays)}: add "
+                f"recordings or lower data.batch_size")
+        self._starts: dict[int, list[int]] = {}  # row -> first window index of each epoch
+
+    def _epoch(self, epoch: int, row: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), epoch])
+        return rng.permutation(len(self.arrays))[row::self.batch_size]
+
+    def locate(self, row: int, index: int) -> tuple[int, int]:
+        """``(recording, window)`` of row ``row``'s ``index``-th window."""
+        starts = self._starts.setdefault(row, [0])
+        while starts[-1] <= index:
+            starts.append(starts[-1] + int(self.counts[self._epoch(len(starts) - 1, row)].sum()))
+        epoch = int(np.searchsorted(starts, index, side="right")) - 1
+        offset = index - starts[epoch]
+        for rec in self._epoch(epoch, row):
+            if offset < self.counts[rec]:
+                return int(rec), offset
+            offset -= int(self.counts[rec])
+        raise AssertionError("unreachable: the epoch holds the window")
+
+    def batch(self, step: int) -> np.ndarray:
+        from ttt_jax.moshi.lm import delayed_recording
+
+        step = check_step(step)
+        out = []
+        for row in range(self.batch_size):
+            rec, c = self.locate(row, step)
+            out.append(delayed_recording(self.arrays[rec], self.delays, self.initial,
+                                         c * self.seq_len, self.seq_len + 1).T)
+        return np.stack(out).astype(np.int32)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "recordings": len(self.arrays),
+                "windows": int(self.counts.sum()), "persistent_states": True}
 
 
 def make_frames_dataset(cfg: MoshiDataConfig, vocab_sizes: tuple[int, ...], *, seed: int,
@@ -155,4 +268,16 @@ def make_frames_dataset(cfg: MoshiDataConfig, vocab_sizes: tuple[int, ...], *, s
         return ByteFrames(**common)
     if cfg.source == "synthetic":
         return SyntheticFrames(**common)
-    return CodebookFrames(path=cfg.path, val_fraction=cfg.val_fraction, **common)
+    return Windows(cfg=cfg, **common)
+
+
+def make_recording_windows(cfg: MoshiDataConfig, vocab_sizes: tuple[int, ...], *, seed: int,
+                           split: str, delays: tuple[int, ...],
+                           initial: tuple[int, ...]) -> RecordingWindows:
+    """Persistent-state windows of the recordings of ``cfg`` (``codebooks`` or ``motifs``)."""
+    if cfg.source not in ("codebooks", "motifs"):
+        raise ValueError(f"data.source={cfg.source!r} is invalid with ttt.persistent_states: "
+                         f"expected recordings, 'codebooks' or 'motifs'")
+    return RecordingWindows(cfg=cfg, delays=delays, initial=initial,
+                            vocab_sizes=tuple(vocab_sizes), seq_len=cfg.seq_len,
+                            batch_size=cfg.batch_size, seed=seed, split=split)

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttt_jax.moshi.config import MoshiTransformerConfig
 from ttt_jax.moshi.hybrid import StreamingTransformer
@@ -290,14 +291,18 @@ class MoshiLM(nn.Module):
             raise ValueError(f"MoshiLM expects integer codes of shape [B, K, T] with K = n_q + 1 "
                              f"= {k} (text first), got {codes.dtype}{list(codes.shape)}")
 
-    def temporal(self, inputs):
-        """Temporal path on delayed ``inputs [B, K, T]``: ``(h [B, T, d], text logits)``."""
+    def embed(self, inputs):
+        """The temporal transformer's input: the sum of every stream's embedding ``[B, T, d]``
+        of delayed ``inputs [B, K, T]``."""
         x = None
         for k, emb in enumerate(self.emb):
             e = emb(inputs[:, k + 1])
             x = e if x is None else x + e
-        x = x + self.text_emb(inputs[:, 0])
-        h = self.out_norm(self.transformer(x))
+        return x + self.text_emb(inputs[:, 0])
+
+    def temporal(self, inputs):
+        """Temporal path on delayed ``inputs [B, K, T]``: ``(h [B, T, d], text logits)``."""
+        h = self.out_norm(self.transformer(self.embed(inputs)))
         return h, self.text_linear(h).astype(jnp.float32)
 
     def depformer_logits(self, sequence, h):
@@ -337,3 +342,66 @@ class MoshiLM(nn.Module):
         text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
         text_mask = text_mask & (codes[:, :1] != ZERO_TOKEN_ID)
         return LMOutput(logits, mask, text_logits, text_mask)
+
+    # --- Persistent states: a long recording in consecutive windows (docs/moshi.md) ---------
+
+    def init_carry(self, batch: int):
+        """The state carried between windows of ``batch`` streams: the temporal transformer's
+        streaming cache (the attention's last ``context`` keys and values, every grafted
+        layer's TTT state, the stream position), fresh."""
+        return self.transformer.init_cache(batch)
+
+    def starts_stream(self, window):
+        """``[B]`` bool: the window begins with the frame of initial tokens, i.e. at the start
+        of a recording (with a stream of delay 0, no later frame is all initial tokens)."""
+        initial = jnp.asarray(self.initial_ids, window.dtype)
+        return jnp.all(window[:, :, 0] == initial[None, :], axis=1)
+
+    def stream_window(self, window, carry):
+        """One window of a delayed recording, continuing the streams in ``carry``.
+
+        A recording of ``N`` frames is delayed once as a whole: ``D = [initial frame,
+        delay_codes(codes)]`` (``N + 1`` frames). Window ``c`` is ``D[:, :, cT : cT + T + 1]``;
+        consecutive windows overlap by one frame. The temporal transformer reads the window's
+        first ``T`` frames from the carried state, the depformer and the targets are its last
+        ``T``, so the logits of all windows together are those of one forward over the whole
+        recording, in delayed coordinates (``undelay`` maps them back). A window that starts a
+        recording (``starts_stream``) starts from a fresh state instead of the carried one.
+
+        Args:
+          window: delayed codes ``[B, K, T + 1]``.
+          carry: from ``init_carry`` or the previous window.
+
+        Returns:
+          ``(text_logits [B, 1, T, V], audio_logits [B, dep_q, T, card], carry')``, float32,
+          delayed: position ``j`` predicts ``window[:, :, j + 1]``.
+        """
+        self._check(window)
+        fresh = self.init_carry(window.shape[0])
+        start = self.starts_stream(window)
+        carry = jax.tree.map(
+            lambda a, b: jnp.where(start.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+            fresh, carry)
+        h, carry = self.transformer.stream(self.embed(window[:, :, :-1]), carry)
+        h = self.out_norm(h)
+        text = self.text_linear(h).astype(jnp.float32)[:, None]
+        return text, self.depformer_logits(window[:, :, 1:], h), carry
+
+
+def delayed_recording(codes, delays, initial, start: int = 0, length=None):
+    """Frames ``[start, start + length)`` (default: all ``N + 1``) of a whole recording
+    ``codes [K, N]`` delayed, with the frame of initial tokens in front, as numpy ``[K,
+    length]``: the sequence ``MoshiLM.stream_window`` reads in windows. Frame ``j`` of stream
+    ``k`` is ``codes[k, j - 1 - delays[k]]``, or ``initial[k]`` before the stream begins."""
+    codes = np.asarray(codes)
+    n = codes.shape[1]
+    length = n + 1 - start if length is None else length
+    if start < 0 or start + length > n + 1:
+        raise ValueError(f"frames [{start}, {start + length}) are outside the delayed recording "
+                         f"of {n + 1} frames")
+    frames = np.arange(start, start + length)
+    lines = []
+    for k, delay in enumerate(delays):
+        src = frames - 1 - delay
+        lines.append(np.where(src >= 0, codes[k, np.clip(src, 0, n - 1)], initial[k]))
+    return np.stack(lines).astype(codes.dtype)

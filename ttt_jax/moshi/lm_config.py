@@ -372,3 +372,19 @@ class MoshiLMRunConfig:
     def __post_init__(self):
         _check_choice("run", "architecture", self.architecture, (ARCHITECTURE,))
         check_run_sections(self)
+        if self.model.ttt.persistent_states:
+            self._check_persistent()
+
+    def _check_persistent(self) -> None:
+        """``ttt.persistent_states`` reads recordings in order on one device."""
+        if self.data.source not in ("codebooks", "motifs"):
+            _fail("data", "source", self.data.source,
+                  "'codebooks' or 'motifs' with ttt.persistent_states (recordings read in "
+                  "order)")
+        if min(self.model.delays) != 0:
+            _fail("model", "delays", self.model.delays,
+                  "a stream with delay 0 with ttt.persistent_states (it marks where a "
+                  "recording starts)")
+        if self.mesh is not None:
+            raise ValueError("mesh is invalid with ttt.persistent_states: expected no mesh "
+                             "(the carried state is not sharded yet)")

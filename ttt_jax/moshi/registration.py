@@ -12,6 +12,8 @@ writes a run back to PyTorch names (``ttt_jax.moshi.export``).
 same param groups, trained on the Moshi fine-tuning loss (``lm_loss.py``): the dataset's frames
 ``[B, T, K]`` are the codes, and each micro-batch's loss is ``text + audio`` (averaged over
 micro-batches). Its export writes ``LMModel`` state-dict files (``lm_convert.save_lm``).
+With ``ttt.persistent_states`` it trains on recordings read in order and carries the temporal
+transformer's state from one step to the next in ``TrainState.carry`` (``loss_sums_carry``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import dataclasses
 import jax.numpy as jnp
 
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
-from ttt_jax.moshi.data import make_frames_dataset
+from ttt_jax.moshi.data import make_frames_dataset, make_recording_windows
 from ttt_jax.moshi.hybrid import MoshiTTTLM
-from ttt_jax.moshi.lm import MoshiLM
+from ttt_jax.moshi.lm import ZERO_TOKEN_ID, MoshiLM
 from ttt_jax.moshi.lm_config import MoshiLMConfig, MoshiLMRunConfig
-from ttt_jax.moshi.lm_loss import moshi_lm_loss
+from ttt_jax.moshi.lm_loss import loss_with_mask, moshi_lm_loss
 from ttt_jax.nn.lora import LoRAConfig, is_lora_path, merge
 from ttt_jax.moshi.sharding import MOSHI_RULES, layer_working_set
 from ttt_jax.registry import Architecture, register
@@ -128,6 +130,35 @@ class MoshiLMObjective(MoshiLM, OwnObjective):
         loss, _ = moshi_lm_loss(cfg, self(tokens), codes, **weights)
         return loss, jnp.ones((), jnp.float32)
 
+    @property
+    def persistent_states(self) -> bool:
+        """Trained on consecutive windows with the carried state (``ttt.persistent_states``)."""
+        return self.config.ttt.persistent_states
+
+    def loss_sums_carry(self, tokens, mask, carry):
+        """``((text + audio loss, 1), carry')`` of delayed windows ``tokens [B, T + 1, K]``
+        (``RecordingWindows``) continuing the streams in ``carry`` (``MoshiLM.stream_window``).
+
+        The same loss as ``loss_sums`` over the same predictions, in delayed coordinates: a
+        target is counted unless it is a stream's initial token (a frame before the stream
+        begins) or the zero token ``-1``."""
+        del mask
+        cfg = self.config
+        window = jnp.swapaxes(tokens, 1, 2)  # [B, K, T + 1]
+        text_logits, audio_logits, carry = self.stream_window(window, carry)
+        target = window[:, :, 1:]
+        initial = jnp.asarray(self.initial_ids, target.dtype)[None, :, None]
+        valid = (target != initial) & (target != ZERO_TOKEN_ID)
+        text = loss_with_mask(text_logits, target[:, :1], valid[:, :1], mode="text",
+                              text_padding_weight=cfg.text_padding_weight,
+                              text_padding_ids=(cfg.existing_text_padding_id,
+                                                cfg.existing_text_end_padding_id))
+        q = slice(1, 1 + cfg.dep_q)
+        audio = loss_with_mask(audio_logits, target[:, q], valid[:, q], mode="audio",
+                               first_codebook_weight_multiplier=(
+                                   cfg.first_codebook_weight_multiplier))
+        return (text + audio, jnp.ones((), jnp.float32)), carry
+
 
 def sample_frames(cfg: MoshiLMConfig, batch: int, length: int):
     """Zero frames of the training model's input shape ``[B, T, K]``."""
@@ -140,10 +171,17 @@ def lm_vocab_sizes(cfg: MoshiLMConfig) -> tuple[int, ...]:
 
 
 def build_lm_datasets(cfg: MoshiLMRunConfig):
-    """Train and validation frame datasets of ``n_q + 1`` streams."""
+    """Train and validation frame datasets of ``n_q + 1`` streams. With
+    ``ttt.persistent_states`` the train data reads each recording in order as delayed windows
+    (``RecordingWindows``); validation always scores independent windows from a fresh state."""
     common = dict(vocab_sizes=lm_vocab_sizes(cfg.model), seed=cfg.train.seed)
-    return (make_frames_dataset(cfg.data, split="train", **common),
-            make_frames_dataset(cfg.data, split="val", **common))
+    if cfg.model.ttt.persistent_states:
+        initial = (cfg.model.text_card,) + (cfg.model.card,) * cfg.model.n_q
+        train = make_recording_windows(cfg.data, split="train", delays=cfg.model.delays,
+                                       initial=initial, **common)
+    else:
+        train = make_frames_dataset(cfg.data, split="train", **common)
+    return train, make_frames_dataset(cfg.data, split="val", **common)
 
 
 def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
