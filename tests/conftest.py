@@ -1,8 +1,10 @@
 """Shared fixtures: tiny configs (B=2, d=16, H=2, b=4) used across the tests."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
+import jax
 import pytest
 
 from ttt_jax import ModelConfig, TTTConfig
@@ -29,3 +31,25 @@ def train_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+@contextlib.contextmanager
+def compilation_cache(path):
+    """A persistent JAX compilation cache in ``path`` for the block: runs that train the same
+    small shapes compile each program once. Yields the settings as environment variables, for
+    subprocesses."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(path),
+                "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {k: getattr(jax.config, k) for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+    try:
+        yield {k.upper(): str(v) for k, v in settings.items()}
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        cc.reset_cache()

@@ -28,6 +28,8 @@ from ttt_jax import apply_overrides, load_config, training
 from ttt_jax.checkpoint import CheckpointError, Checkpointer, load_run, load_saved
 from ttt_jax.trainer import run
 
+from conftest import compilation_cache
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SMALL = ("model.num_layers=1", "model.ttt.model_dim=32", "model.intermediate_size=64",
@@ -86,23 +88,12 @@ CACHE_ENV: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
+def shared_cache(tmp_path_factory):
     """One persistent JAX compilation cache for this module's runs and subprocesses: they train
     the same small shapes, so each program is compiled once."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    saved = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-    CACHE_ENV.update({k.upper(): str(v) for k, v in settings.items()})
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
+    with compilation_cache(tmp_path_factory.mktemp("jax_cache")) as env:
+        CACHE_ENV.update(env)
+        yield
     CACHE_ENV.clear()
 
 
