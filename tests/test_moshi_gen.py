@@ -32,8 +32,9 @@ from ttt_jax.moshi.lm import MoshiLM  # noqa: E402
 from ttt_jax.moshi.lm_config import from_moshi_lm_kwargs  # noqa: E402
 from ttt_jax.moshi.lm_convert import from_lm_state_dict  # noqa: E402
 
-# Streams: text, 2 generated audio codebooks, 2 user codebooks (delays 0 0 2 | 1 0).
-KW = dict(card=11, text_card=13, dim=32, num_heads=4, num_layers=2, hidden_scale=4, context=6,
+# Streams: text, 2 generated audio codebooks, 2 user codebooks (delays 0 0 2 | 1 0); Mimi's
+# 2048 codes, so that the same model answers a wav encoded through Mimi.
+KW = dict(card=2048, text_card=13, dim=32, num_heads=4, num_layers=2, hidden_scale=4, context=6,
           causal=True, gating="silu", positional_embedding="rope", max_period=10000,
           depformer_dim=16, depformer_num_heads=2, delays=[0, 0, 2, 1, 0], n_q=4, dep_q=2,
           norm="rms_norm_f32", layer_scale=None, depformer_num_layers=2,
@@ -160,20 +161,22 @@ def np_top_k_probs(logits, temp, top_k):
     return p
 
 
-@pytest.mark.parametrize("temp, top_k", [(0.7, 4), (1.5, 0), (1.0, 25)])
-def test_sample_token_draws_the_numpy_distribution(temp, top_k):
+def test_sample_token_draws_the_numpy_distribution():
+    """40000 draws of one jitted sampler (temperature and top-k traced) per setting: the
+    frequencies are numpy's softmax at that temperature over the top k, none outside it."""
     logits = np.random.default_rng(1).standard_normal(11).astype(np.float32) * 2
     draws = 40000
     keys = jax.random.split(jax.random.PRNGKey(2), draws)
-    tokens = np.asarray(jax.jit(jax.vmap(lambda k: sample_token(jnp.asarray(logits), k, True,
-                                                                temp, top_k)))(keys))
-    freq = np.bincount(tokens, minlength=11) / draws
-    want = np_top_k_probs(logits, temp, top_k)
-    assert np.all(freq[want == 0] == 0)  # never outside the top k
-    assert np.abs(freq - want).max() < 4 * np.sqrt(0.25 / draws), (freq, want)
-    greedy = sample_token(jnp.asarray(logits), keys[0], False, temp, top_k)
-    assert int(greedy) == int(np.argmax(logits))
-    assert int(sample_token(jnp.asarray(logits), keys[0], True, 0.0, top_k)) == int(greedy)
+    sample = jax.jit(jax.vmap(sample_token, in_axes=(None, 0, None, None, None)))
+    for temp, top_k in ((0.7, 4), (1.5, 0), (1.0, 25), (2.0, 1)):
+        tokens = np.asarray(sample(jnp.asarray(logits), keys, True, temp, top_k))
+        freq = np.bincount(tokens, minlength=11) / draws
+        want = np_top_k_probs(logits, temp, top_k)
+        assert np.all(freq[want == 0] == 0), (temp, top_k)  # never outside the top k
+        assert np.abs(freq - want).max() < 4 * np.sqrt(0.25 / draws), (temp, top_k, freq, want)
+    greedy = np.asarray(sample(jnp.asarray(logits), keys[:4], False, 0.7, 4))
+    assert np.all(greedy == np.argmax(logits))
+    assert np.all(np.asarray(sample(jnp.asarray(logits), keys[:4], True, 0.0, 4)) == greedy)
 
 
 def test_top_k_one_sampling_is_greedy(case):
@@ -200,9 +203,9 @@ def test_refusals_name_the_argument(case):
     gen = MoshiGen(case.cfg, case.params, use_sampling=False, batch=BATCH)
     with pytest.raises(ValueError, match=r"user_audio_codes .* \[2, 2\], got int64\[2, 3\]"):
         gen.step(np.zeros((2, 3), np.int64))
-    with pytest.raises(ValueError, match=r"user_codes\[1, 0, 2\] = 11 is out of range"):
+    with pytest.raises(ValueError, match=r"user_codes\[1, 0, 2\] = 2048 is out of range"):
         bad = case.user.copy()
-        bad[1, 0, 2] = 11
+        bad[1, 0, 2] = 2048
         gen.generate(bad)
     with pytest.raises(ValueError, match="key is required"):
         MoshiGen(case.cfg, case.params, batch=BATCH).step(case.steps[0])
@@ -261,20 +264,18 @@ def test_cli_input_codes_is_lmgen(case, moshi_run, tmp_path, capsys):
     (["--input-codes", "NOPE"], "--input-codes .*nope.npy' does not exist"),
     (["--input-codes", "BAD"], r"--input-codes .* holds int64\[3, 5\]: expected integer codes "
                                r"\[n_q - dep_q = 2, T\] .* or \[n_q \+ 1 = 5, T\]"),
-    (["--input-codes", "RANGE"], r"user row 1, frame 2 holds 11: expected audio ids in \[0, "
-                                 r"model.card = 11\)"),
+    (["--input-codes", "RANGE"], r"user row 1, frame 2 holds 2048: expected audio ids in "
+                                 r"\[0, model.card = 2048\)"),
     ([], "needs exactly one of --input-codes"),
     (["--input-codes", "GOOD", "--prompt", "x"], "--prompt is for text runs"),
     (["--input-wav", "NOPE"], "--input-wav .*nope.npy' does not exist"),
     (["--input-wav", "WAV"], "--input-wav needs Mimi"),
-    (["--input-codes", "GOOD", "--mimi-random-init", "0"],
-     "Mimi's codebooks have 2048 entries but the run's model.card = 11"),
     (["--input-codes", "GOOD", "--top-k", "-2"], "--top-k -2: expected an int >= 0"),
 ])
 def test_cli_errors_name_the_flag(moshi_run, tmp_path, capsys, argv, match):
     np.save(tmp_path / "bad.npy", np.zeros((3, 5), np.int64))
     rng = np.zeros((2, 5), np.int64)
-    rng[1, 2] = 11
+    rng[1, 2] = 2048
     np.save(tmp_path / "range.npy", rng)
     np.save(tmp_path / "good.npy", np.zeros((2, 5), np.int64))
     (tmp_path / "a.wav").write_bytes(b"")
@@ -291,37 +292,53 @@ def test_cli_errors_name_the_flag(moshi_run, tmp_path, capsys, argv, match):
     assert not out.exists()
 
 
-def test_cli_refuses_moshi_flags_on_a_text_run(tmp_path, capsys):
-    from ttt_jax import ModelConfig, RunConfig, TTTConfig, registry
-    from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.config import TrainConfig
-    from ttt_jax.training import TrainState
+def zeros_run(cfg, run_dir):
+    """A step-0 checkpoint of run config ``cfg`` with all-zero params (nothing compiled)."""
     import optax
 
-    model = ModelConfig(vocab_size=256, num_layers=1, intermediate_size=16,
-                        ttt=TTTConfig(model_dim=8, num_heads=2, mini_batch_size=4))
-    cfg = RunConfig(model=model, train=TrainConfig(run_dir=str(tmp_path / "run")))
-    params = registry.of(cfg).init_params(model, jax.random.PRNGKey(0))
-    ckpt = Checkpointer(tmp_path / "run", every=1, keep=1)
+    from ttt_jax import registry
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.training import TrainState
+
+    shapes = registry.of(cfg).param_shapes(cfg.model)
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    ckpt = Checkpointer(run_dir, every=1, keep=1)
     assert ckpt.save(TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                                 opt_state=optax.sgd(0.1).init(params)), cfg, force=True)
     ckpt.close()
+    return run_dir
+
+
+def test_cli_refuses_what_the_run_cannot_take(case, tmp_path, capsys):
+    """Moshi flags on a text run; Mimi on a Moshi run whose audio tokens are not Mimi's."""
+    from ttt_jax import ModelConfig, RunConfig, TTTConfig
+    from ttt_jax.moshi.lm_config import MoshiLMRunConfig
+
+    model = ModelConfig(vocab_size=256, num_layers=1, intermediate_size=16,
+                        ttt=TTTConfig(model_dim=8, num_heads=2, mini_batch_size=4))
+    text_run = zeros_run(RunConfig(model=model), tmp_path / "text")
     (tmp_path / "a.wav").write_bytes(b"")
-    assert cli("--checkpoint", tmp_path / "run", "--input-wav", tmp_path / "a.wav") == 2
+    assert cli("--checkpoint", text_run, "--input-wav", tmp_path / "a.wav") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --input-wav is for architecture moshi_lm runs: --checkpoint "
                           "holds a run of architecture 'ttt_lm'"), err
-    assert cli("--checkpoint", tmp_path / "run") == 2
+    assert cli("--checkpoint", text_run) == 2
     assert "--prompt is required" in capsys.readouterr().err
+    small = dataclasses.replace(case.cfg, card=11)
+    small_run = zeros_run(MoshiLMRunConfig(model=small), tmp_path / "small")
+    np.save(tmp_path / "user.npy", np.zeros((2, 3), np.int64))
+    assert cli("--checkpoint", small_run, "--input-codes", tmp_path / "user.npy",
+               "--mimi-random-init", 0, "--out", tmp_path / "o.npy") == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --mimi-random-init: Mimi's codebooks have 2048 entries but the run's "
+                   "model.card = 11: the run's audio tokens are not Mimi codes (drop the Mimi "
+                   "flag and use --input-codes)\n"), err
 
 
-def test_cli_input_wav_through_random_mimi(tmp_path, capsys):
+def test_cli_input_wav_through_random_mimi(moshi_run, tmp_path, capsys):
     """``--input-wav`` with ``--mimi-random-init``: the wav's Mimi frames in, the codes of as
     many frames out and their audio decoded, the random weights announced on stderr."""
     pytest.importorskip("soundfile")
-    kw = dict(KW, card=2048)
-    _, cfg, params = import_lm(kw, seed=3)
-    run = save_run(cfg, params, tmp_path / "run")
     samples = int(24000 * 0.5)
     t = np.arange(samples) / 24000
     pcm = (0.5 * np.sin(2 * np.pi * (100 + 400 * t) * t) * 32767).astype("<i2")
@@ -330,10 +347,10 @@ def test_cli_input_wav_through_random_mimi(tmp_path, capsys):
         w.setsampwidth(2)
         w.setframerate(24000)
         w.writeframes(pcm.tobytes())
-    assert cli("--checkpoint", run, "--input-wav", tmp_path / "in.wav", "--mimi-random-init", 0,
-               "--out", tmp_path / "out" / "gen.npy", "--seed", 1) == 0
+    assert cli("--checkpoint", moshi_run, "--input-wav", tmp_path / "in.wav",
+               "--mimi-random-init", 0, "--out", tmp_path / "out" / "gen.npy", "--seed", 1) == 0
     captured = capsys.readouterr()
-    assert "Mimi has RANDOM weights" in captured.err
+    assert "Mimi has RANDOM weights" in captured.err and "gen.wav" in captured.out
     frames = math.ceil(samples / 1920)
     codes = np.load(tmp_path / "out" / "gen.npy")
     assert codes.shape == (3, frames) and codes.min() >= 0 and codes[1:].max() < 2048

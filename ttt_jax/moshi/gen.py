@@ -69,7 +69,8 @@ from ttt_jax.moshi.lm_config import MoshiLMConfig
 
 
 class Sampling(NamedTuple):
-    """How tokens are drawn (``LMGen``'s arguments; hashable: part of the jit's static key)."""
+    """How tokens are drawn (``LMGen``'s arguments); traced, so changing them recompiles
+    nothing."""
 
     use_sampling: bool = True
     temp: float = 0.8
@@ -92,20 +93,20 @@ class GenState(NamedTuple):
     offset: jax.Array
 
 
-def sample_token(logits, key, use_sampling: bool, temp: float, top_k: int):
-    """``[..., V]`` float logits -> ``[...]`` int32 token ids (module docstring)."""
-    if not use_sampling or temp <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / temp, axis=-1)
-    if top_k > 0:
-        probs, index = jax.lax.top_k(probs, min(top_k, probs.shape[-1]))
-    else:
-        index = None
+def sample_token(logits, key, use_sampling, temp, top_k):
+    """``[..., V]`` float logits -> ``[...]`` int32 token ids (module docstring).
+
+    ``use_sampling``, ``temp`` and ``top_k`` may be traced: one compiled step serves every
+    setting. ``top_k`` keeps exactly the ``k`` most likely (ties by lower id; ``<= 0``: all)."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    temp = jnp.asarray(temp, jnp.float32)
+    probs = jax.nn.softmax(logits / jnp.where(temp > 0, temp, 1.0), axis=-1)
+    rank = jnp.argsort(jnp.argsort(-probs, axis=-1, stable=True), axis=-1)
+    probs = jnp.where((top_k <= 0) | (rank < top_k), probs, 0.0)
     race = probs / jax.random.exponential(key, probs.shape, jnp.float32)
-    choice = jnp.argmax(race, axis=-1)
-    if index is not None:
-        choice = jnp.take_along_axis(index, choice[..., None], axis=-1)[..., 0]
-    return choice.astype(jnp.int32)
+    sampled = jnp.argmax(race, axis=-1)
+    return jnp.where(jnp.asarray(use_sampling) & (temp > 0), sampled, greedy).astype(jnp.int32)
 
 
 def max_delay(config: MoshiLMConfig) -> int:
@@ -159,13 +160,13 @@ def gen_init(config: MoshiLMConfig, batch: int, variables) -> GenState:
     return GenState(cache, tokens, jnp.zeros((), jnp.int32))
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@partial(jax.jit, static_argnums=(0,))
 def gen_step(config: MoshiLMConfig, sampling: Sampling, variables, state: GenState, user, key):
     """One frame: ``(state', tokens [B, dep_q + 1])``, text first; the tokens are those of
     frame ``offset' - 1 - max_delay`` (``-2`` everywhere while no frame is complete).
 
-    ``user``: ``[B, n_q - dep_q]`` int, the user's codes of the frame. ``key``: a PRNG key
-    (unused when greedy)."""
+    ``sampling``: a ``Sampling`` (traced). ``user``: ``[B, n_q - dep_q]`` int, the user's codes
+    of the frame. ``key``: a PRNG key (unused when greedy)."""
     model = MoshiLM(config)
     delays, dep_q = config.delays, config.dep_q
     ring, top = max_delay(config) + 2, max_delay(config)
