@@ -125,12 +125,7 @@ def _init_cache(module, batch: int):
 def _temporal_step(module, inputs, cache):
     """One frame of the temporal path on the ids ``inputs [B, K]``:
     ``(h [B, 1, d], text logits [B, V] float32, cache')``."""
-    x = None
-    for k, emb in enumerate(module.emb):  # audio streams first, then text, as moshi sums them
-        e = emb(inputs[:, k + 1, None])
-        x = e if x is None else x + e
-    x = x + module.text_emb(inputs[:, :1])
-    h, cache = module.transformer.stream(x, cache)
+    h, cache = module.transformer.stream(module.embed(inputs[:, :, None]), cache)
     h = module.out_norm(h)
     return h, module.text_linear(h)[:, 0].astype(jnp.float32), cache
 
