@@ -121,16 +121,17 @@ PUBLIC_BLOCK = {
 def test_every_public_block_key_is_read_or_refused_with_a_reason():
     from ttt_jax.moshi.config import load_ttt_args
 
-    block = dict(PUBLIC_BLOCK, persistent_states=False)  # the one default refused here
+    block = dict(PUBLIC_BLOCK)
     args = load_ttt_args(block)
     assert (args.layers, args.ttt_base_lr, args.weight_lr_multiplier,
-            args.alpha_lr_multiplier) == ("middle", 1.0, 10.0, 100.0)
+            args.alpha_lr_multiplier, args.persistent_states) == ("middle", 1.0, 10.0, 100.0,
+                                                                   True)
     table = (REPO / "docs" / "moshi.md").read_text()
     fields = {f.name for f in dataclasses.fields(TTTArgs)} | set(TTTArgs.YAML_ALIASES)
     for key in PUBLIC_BLOCK:
         assert key in fields or key in TTTArgs.YAML_FOREIGN, key
         assert f"| `{key}` |" in table, f"docs/moshi.md has no row for {key}"
-    for key, value in (("persistent_states", True), ("ttt_mlp_layers", 3),
+    for key, value in (("ttt_mlp_layers", 3),
                        ("normalize_ttt_output", True), ("ttt_layer_context", 750),
                        ("unfrozen_attention_layers", "middle")):
         with pytest.raises(ValueError, match=rf"ttt\.{key}={value!r} is not supported: \w+"):

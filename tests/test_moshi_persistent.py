@@ -215,11 +215,66 @@ def train(run_dir, steps):
     return run(cfg, print_fn=lambda *a, **k: None)["state"]
 
 
-def test_a_resumed_persistent_run_is_bit_identical(tmp_path):
-    with compilation_cache(tmp_path / "jax_cache"):
-        straight = train(tmp_path / "straight", 2)
-        train(tmp_path / "split", 1)
-        resumed = train(tmp_path / "split", 2)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A straight 2-step run, and the same stopped after step 1 and resumed."""
+    tmp = tmp_path_factory.mktemp("persistent")
+    with compilation_cache(tmp / "jax_cache"):
+        straight = train(tmp / "straight", 2)
+        train(tmp / "split", 1)
+        resumed = train(tmp / "split", 2)
+    return tmp, straight, resumed
+
+
+def test_a_resumed_persistent_run_is_bit_identical(runs):
+    _, straight, resumed = runs
     assert straight.carry is not None and jax.tree.leaves(straight.carry)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def reference_stream_losses(cfg, params, tokens):
+    """Per-stream cross-entropy ``[B, L, S]`` of frames ``tokens [B, L + 1, K]`` from one
+    forward over them, in numpy; NaN where the forward has no prediction."""
+    out = jitted(MoshiLM(cfg))(params, jnp.asarray(np.swapaxes(tokens, 1, 2)))
+    length = tokens.shape[1] - 1
+    logits = [np.asarray(out.text_logits[:, 0], np.float64)] + [
+        np.asarray(out.logits[:, q], np.float64) for q in range(cfg.dep_q)]
+    mask = np.concatenate([np.asarray(out.text_mask), np.asarray(out.mask)], axis=1)
+    ref = np.full((tokens.shape[0], length, len(logits)), np.nan)
+    for b in range(tokens.shape[0]):
+        for k, stream in enumerate(logits):
+            for t in range(length):
+                if mask[b, k, t]:
+                    ref[b, t, k] = -log_softmax(stream[b, t])[tokens[b, t, k]]
+    return ref
+
+
+@pytest.mark.parametrize("chunk", [7, 0])
+def test_eval_scores_a_recording_per_stream_exactly(small, chunk):
+    from ttt_jax import registry
+    from ttt_jax.evals import Scorer
+
+    cfg, params = small
+    tokens = np.swapaxes(random_codes(cfg, 2, 23, seed=5), 1, 2)  # [B, L + 1, K]
+    loss, pred = Scorer(registry.get("moshi_lm"), cfg, params, chunk).score(tokens)
+    assert loss.shape == pred.shape == (2, 22, 1 + cfg.dep_q)
+    ref = reference_stream_losses(cfg, params, tokens)
+    assert np.array_equal(np.isnan(loss), np.isnan(ref))
+    assert not np.isnan(ref).any()  # delays <= 1 on the predicted streams: all L predicted
+    np.testing.assert_allclose(loss, ref, atol=1e-4)
+
+
+def test_eval_of_a_moshi_lm_run_reports_each_stream(runs):
+    from ttt_jax.evals import EvalOptions, evaluate_checkpoint, markdown_report
+
+    tmp, _, _ = runs
+    options = EvalOptions(lengths=(16, 40), num_sequences=2, chunk=12)
+    result = evaluate_checkpoint(tmp / "straight", options, log=lambda *a: None)
+    row = result["lm"]["40"]
+    assert set(row["streams"]) == {"text", "audio0", "audio1"}
+    assert result["model"]["persistent_states"] is True
+    frame = np.mean([row["streams"][s]["loss"] for s in row["streams"]])
+    assert abs(frame - row["loss"]) < 0.05  # the frame loss averages the streams
+    report = markdown_report({"models": [result]})
+    assert "| straight | audio1 |" in report

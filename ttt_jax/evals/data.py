@@ -1,10 +1,11 @@
 """Held-out sequences of a checkpoint's own validation data, for the loss by position.
 
 Token LMs (``ttt_lm``, ``attention_lm``): windows of the validation split of ``data.source:
-bytes``, ``tokens`` or ``prepared`` (int32 ``[N, L + 1]``). Moshi-TTT (``moshi_ttt``): frames of ``K`` token
-streams (int32 ``[N, L + 1, K]``): windows of the validation bytes or of the held-out tail of
-every codebook file (concatenated in file order), or, for ``synthetic``, validation rows
-generated at the requested length. Windows sit at evenly spaced offsets that depend only on the
+bytes``, ``tokens`` or ``prepared`` (int32 ``[N, L + 1]``). The Moshi models (``moshi_ttt``,
+``moshi_lm``): frames of ``K`` token streams (int32 ``[N, L + 1, K]``): windows of the
+validation bytes or of the held-out tail of every codebook file (concatenated in file order),
+or, for ``synthetic``, validation rows generated at the requested length, and for ``motifs``
+validation recordings generated at the requested length (each read from its start). Windows sit at evenly spaced offsets that depend only on the
 split, the length and the count, so a shorter sequence is a prefix of a longer one when both are
 cut from the longest (what :func:`ttt_jax.evals.tasks.evaluate_lm` does).
 """
@@ -43,23 +44,27 @@ def _lm_stream(cfg) -> tuple[np.ndarray, str]:
     return np.asarray(val.tokens), f"the {d.source} validation split"
 
 
+def frames_vocab_sizes(cfg) -> tuple[int, ...]:
+    """The token range of every stream of a Moshi run's data (text first for ``moshi_lm``)."""
+    if registry.of(cfg).name == "moshi_lm":
+        from ttt_jax.moshi.registration import lm_vocab_sizes
+
+        return lm_vocab_sizes(cfg.model)
+    return tuple(cfg.model.vocab_sizes)
+
+
 def _moshi_stream(cfg) -> tuple[Optional[np.ndarray], str]:
-    """``[T, K]`` held-out frames, or ``None`` for generated (``synthetic``) data."""
+    """``[T, K]`` held-out frames, or ``None`` for generated (``synthetic``, ``motifs``) data."""
     from ttt_jax.moshi.data import make_frames_dataset
 
     d = cfg.data
-    if d.source == "synthetic":
-        return None, "the synthetic validation split"
-    ds = make_frames_dataset(d, cfg.model.vocab_sizes, seed=cfg.train.seed, split="val")
+    if d.source in ("synthetic", "motifs"):
+        return None, f"the {d.source} validation split"
+    ds = make_frames_dataset(d, frames_vocab_sizes(cfg), seed=cfg.train.seed, split="val")
     if d.source == "bytes":
         return np.asarray(ds.inner.tokens)[:, None], "the bytes validation split"
-    # codebooks: each file's validation windows are consecutive from its held-out cut to its
-    # end; that tail (as the run split it, at its own seq_len) is the file's held-out part
-    parts = []
-    for f, arr in enumerate(ds.arrays):
-        starts = ds.windows[ds.windows[:, 0] == f, 1]
-        if starts.size:
-            parts.append(np.asarray(arr[:, int(starts.min()):]).T)
+    # codebooks: each file's held-out tail (as the run split it), in file order
+    parts = [np.asarray(arr).T for arr in ds.arrays]
     return np.concatenate(parts), f"the held-out frames of the codebooks at {d.path!r}"
 
 
@@ -75,7 +80,7 @@ class HeldOut:
     def _load(self):
         if not self._read:
             arch = registry.of(self.cfg).name
-            read = _moshi_stream if arch == "moshi_ttt" else _lm_stream
+            read = _moshi_stream if arch in ("moshi_ttt", "moshi_lm") else _lm_stream
             self._stream, self._what = read(self.cfg)
             self._read = True
 
@@ -99,9 +104,12 @@ class HeldOut:
         self._load()
         if self._stream is not None:
             return evenly_spaced_windows(self._stream, length, count, self._what)
-        from ttt_jax.moshi.data import make_frames_dataset
+        from ttt_jax.moshi.data import make_frames_dataset, motif_recording
 
+        vocab, seed = frames_vocab_sizes(self.cfg), self.cfg.train.seed
+        if self.cfg.data.source == "motifs":  # whole recordings of the length, from the start
+            return np.stack([motif_recording(vocab, length + 1, seed=seed, split="val",
+                                             index=i).T for i in range(count)])
         d = dataclasses.replace(self.cfg.data, seq_len=length, batch_size=count)
-        ds = make_frames_dataset(d, self.cfg.model.vocab_sizes, seed=self.cfg.train.seed,
-                                 split="val")
+        ds = make_frames_dataset(d, vocab, seed=seed, split="val")
         return np.asarray(ds.batch(0), np.int32)

@@ -6,7 +6,8 @@ follows from its architecture (:func:`ttt_jax.registry.of`), never from probing 
 
 * loss by position and length: every architecture, on its own held-out data
   (:mod:`ttt_jax.evals.data`); in bits per byte too when the data is the byte corpus or a
-  prepared corpus (which records the bytes of its splits);
+  prepared corpus (which records the bytes of its splits); per stream (text and each predicted
+  codebook) for ``moshi_lm``, whose recordings are streamed with the carried state;
 * recall at distance: token LMs only (``data.source: recall``, or ``recall=True``);
 * TTT inner-loss diagnostics: architectures with the ``diagnostics`` feature that have TTT
   layers (others are skipped with a note).
@@ -57,10 +58,20 @@ def _describe_moshi(cfg) -> dict[str, Any]:
             "vocab_sizes": list(m.vocab_sizes)}
 
 
+def _describe_moshi_lm(cfg) -> dict[str, Any]:
+    m = cfg.model
+    t = m.transformer
+    return {"d_model": t.d_model, "num_layers": t.num_layers, "context": t.context,
+            "ttt_layers": list(m.temporal.ttt_layers), "mini_batch_size": m.ttt.mini_batch_size,
+            "use_rope": m.ttt.use_rope, "rope_bounded": m.ttt.rope_bounded,
+            "persistent_states": m.ttt.persistent_states, "n_q": m.n_q, "dep_q": m.dep_q,
+            "delays": list(m.delays)}
+
+
 # Per architecture: the model summary of the report; ``ttt_layers`` lists the TTT layers.
 DESCRIBE = {"ttt_lm": lambda cfg: _describe_lm(cfg, ttt=True),
             "attention_lm": lambda cfg: _describe_lm(cfg, ttt=False),
-            "moshi_ttt": _describe_moshi}
+            "moshi_ttt": _describe_moshi, "moshi_lm": _describe_moshi_lm}
 
 
 def _check_applicable(arch, cfg, options: EvalOptions, path) -> None:

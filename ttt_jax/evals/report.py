@@ -128,9 +128,19 @@ def markdown_report(report: dict) -> str:
             if row:
                 lines.append(f"| {m['label']} | " + " | ".join(f"{b[unit]:.3f}"
                                                                for b in row["buckets"]) + " |")
-        if any(m.get("architecture") == "moshi_ttt" for m in lm):
-            lines += ["", "Moshi-TTT: lengths and positions count frames; a frame's loss is the "
-                          "mean over its streams of each stream's cross-entropy."]
+        streams = [m for m in lm if m["lm"].get(str(longest), {}).get("streams")]
+        if streams:
+            lines += ["", f"Per stream, loss by position at length {_fmt_len(longest)}:", "",
+                      "| model | stream | all | " + " | ".join(
+                          f"{_fmt_len(s)}-{_fmt_len(e)}" for s, e in buckets) + " |",
+                      "|---|---|---|" + "---|" * len(buckets)]
+            for m in streams:
+                for name, row in m["lm"][str(longest)]["streams"].items():
+                    lines.append(f"| {m['label']} | {name} | {row['loss']:.3f} | "
+                                 + " | ".join(f"{b:.3f}" for b in row["buckets"]) + " |")
+        if any(m.get("architecture") in ("moshi_ttt", "moshi_lm") for m in lm):
+            lines += ["", "Moshi models: lengths and positions count frames; a frame's loss is "
+                          "the mean over its streams of each stream's cross-entropy."]
         lines.append("")
     rec = [m for m in models if m.get("recall")]
     if rec:

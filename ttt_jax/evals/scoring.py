@@ -12,6 +12,11 @@ forward pass over the whole sequence):
 * ``moshi_ttt``: ``[B, L + 1, K]`` frames through the model's own streaming cache (KV cache of
   ``transformer.context`` frames, TTT state); the loss of a frame is the mean over its ``K``
   streams of each stream's cross-entropy (its softmax over its own vocabulary).
+* ``moshi_lm``: ``[B, L + 1, K]`` frames of one recording from its start (text first), delayed
+  as a whole and read in windows of ``chunk`` frames with the carried state
+  (``MoshiLM.stream_window``, the persistent-state path); the loss is per stream, ``[B, L, S]``
+  for text and the ``dep_q`` predicted codebooks (``stream_names``), NaN at the last positions
+  of a stream whose delay leaves them without a prediction.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from ttt_jax.evals.options import DEFAULT_CHUNK
 
 # Architectures this module can score, and the input rank each takes ([B, L] or [B, L, K]).
-INPUT_RANK = {"ttt_lm": 2, "attention_lm": 2, "moshi_ttt": 3}
+INPUT_RANK = {"ttt_lm": 2, "attention_lm": 2, "moshi_ttt": 3, "moshi_lm": 3}
 # The Moshi-TTT model's method that continues its streams by a chunk of frames.
 MOSHI_STREAM_METHOD = "stream"
 
@@ -49,8 +54,9 @@ class Scorer:
       params: its params.
       chunk: stream sequences longer than this in chunks of this many tokens (0: never).
 
-    ``score(tokens)`` takes int ``[B, L + 1]`` (``[B, L + 1, K]`` for Moshi-TTT) and returns
-    ``(loss [B, L] float32, argmax [B, L] or [B, L, K] int32)``.
+    ``score(tokens)`` takes int ``[B, L + 1]`` (``[B, L + 1, K]`` for the Moshi models) and
+    returns ``(loss [B, L] float32, argmax [B, L] or [B, L, K] int32)``; for ``moshi_lm`` the
+    loss and argmax are per stream, ``[B, L, S]`` (``stream_names``).
     """
 
     def __init__(self, arch, model_cfg, params, chunk: int = DEFAULT_CHUNK):
@@ -77,7 +83,11 @@ class Scorer:
         self._loss_argmax = jax.jit(loss_argmax)
         self._decoder = None
         self._chunked = {"ttt_lm": self._score_stream, "attention_lm": self._score_window,
-                         "moshi_ttt": self._score_frames}[arch.name]
+                         "moshi_ttt": self._score_frames,
+                         "moshi_lm": self._score_recording}[arch.name]
+        self.stream_names = None
+        if arch.name == "moshi_lm":
+            self.stream_names = ["text"] + [f"audio{q}" for q in range(model_cfg.dep_q)]
 
     @property
     def chunked(self) -> bool:
@@ -90,6 +100,8 @@ class Scorer:
             want = "[B, L + 1]" if rank == 2 else "[B, L + 1, K]"
             raise ValueError(f"tokens must be {want} with L >= 1 for {self.arch.name}, got "
                              f"{list(tokens.shape)}")
+        if self.arch.name == "moshi_lm":
+            return self._score_recording(tokens)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         length = inputs.shape[1]
         if not self.chunked or length <= self.chunk:
@@ -163,6 +175,68 @@ class Scorer:
             losses.append(np.asarray(loss))
             preds.append(np.asarray(pred))
         return np.concatenate(losses, axis=1), np.concatenate(preds, axis=1)
+
+
+    @functools.cached_property
+    def _recording_fns(self):
+        model = self.model
+
+        def init(params, batch):
+            return model.apply({"params": params}, batch, method="init_carry")
+
+        def window(params, w, carry):
+            text, audio, carry = model.apply({"params": params}, w, carry,
+                                             method="stream_window")
+            target = w[:, :, 1:]
+            losses, preds = [], []
+            for logits, tgt in ((text, target[:, :1]), (audio, target[:, 1:1 + audio.shape[1]])):
+                valid = (tgt >= 0) & (tgt < logits.shape[-1])  # initial and zero tokens: none
+                logp = jax.nn.log_softmax(logits, axis=-1)
+                loss = -jnp.take_along_axis(logp, jnp.where(valid, tgt, 0)[..., None],
+                                            axis=-1)[..., 0]
+                losses.append(jnp.where(valid, loss, jnp.nan))
+                preds.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            return jnp.concatenate(losses, axis=1), jnp.concatenate(preds, axis=1), carry
+
+        return jax.jit(init, static_argnums=1), jax.jit(window)
+
+    def _score_recording(self, tokens):
+        """MoshiLM: the recording delayed once, windows of ``chunk`` frames with the carried
+        state (exact: equal to one forward over the whole recording); the last window is
+        padded with zero-token frames, so one compilation serves every window."""
+        from ttt_jax.moshi.lm import ZERO_TOKEN_ID, delayed_recording
+
+        cfg = self.cfg
+        initial = (cfg.text_card,) + (cfg.card,) * cfg.n_q
+        codes = np.swapaxes(tokens, 1, 2)  # [B, K, n]
+        bsz, _, n = codes.shape
+        delayed = np.stack([delayed_recording(c, cfg.delays, initial) for c in codes])
+        # Predictions of delayed positions [0, n - 1 + max delay) place every frame but the
+        # last (the positions past the recording read the zero-token padding: not counted).
+        positions = n - 1 + max(max(cfg.delays), 1)
+        chunk = self.chunk if self.chunked else positions
+        windows = -(-positions // chunk)
+        pad = np.full((bsz, codes.shape[1], windows * chunk + 1 - delayed.shape[2]),
+                      ZERO_TOKEN_ID, delayed.dtype)
+        delayed = np.concatenate([delayed, pad], axis=2)
+        init, step = self._recording_fns
+        carry = init(self.params, bsz)
+        losses, preds = [], []
+        for c in range(windows):
+            loss, pred, carry = step(self.params, delayed[:, :, c * chunk:(c + 1) * chunk + 1],
+                                     carry)
+            losses.append(np.asarray(loss))
+            preds.append(np.asarray(pred))
+        loss, pred = np.concatenate(losses, axis=2), np.concatenate(preds, axis=2)
+        # Delayed position t + delays[k] of stream k predicts frame t: back to frame order.
+        length = n - 1
+        out_loss = np.full((bsz, length, loss.shape[1]), np.nan, np.float32)
+        out_pred = np.zeros((bsz, length, loss.shape[1]), np.int32)
+        for k in range(loss.shape[1]):
+            d = cfg.delays[k]
+            out_loss[:, :, k] = loss[:, k, d:d + length]
+            out_pred[:, :, k] = pred[:, k, d:d + length]
+        return out_loss, out_pred
 
 
 def score_in_batches(scorer: Scorer, tokens: np.ndarray, batch: int):

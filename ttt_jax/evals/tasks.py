@@ -35,13 +35,20 @@ def evaluate_lm(scorer: Scorer, sequences: np.ndarray, lengths: tuple[int, ...],
     ``sequences`` are the held-out sequences of the longest length (``[N, L + 1]`` or
     ``[N, L + 1, K]``); each length scores their prefixes, so every length reads the same
     offsets. The loss of a position is averaged over the sequences (and over the streams of a
-    Moshi-TTT frame).
+    Moshi frame). A scorer with ``stream_names`` (``moshi_lm``) also gives each stream's loss
+    per length and bucket under ``streams``.
     """
     bpb = (lambda x: x / LN2 / bytes_per_token) if bytes_per_token else None
+    names = getattr(scorer, "stream_names", None)
     out = {}
     for length in lengths:
         t0 = time.perf_counter()
-        loss, _ = score_in_batches(scorer, sequences[:, :length + 1], batch)  # [N, L]
+        loss, _ = score_in_batches(scorer, sequences[:, :length + 1], batch)  # [N, L(, S)]
+        streams = None
+        if loss.ndim == 3:  # per stream; NaN where a delay leaves no prediction
+            streams = {name: _by_bucket(loss[:, :, i], length)
+                       for i, name in enumerate(names)}
+            loss = np.nanmean(loss, axis=2)
         per_pos = loss.mean(axis=0)  # [L]
         buckets = []
         for s, e in position_buckets(length):
@@ -51,10 +58,19 @@ def evaluate_lm(scorer: Scorer, sequences: np.ndarray, lengths: tuple[int, ...],
         mean = float(loss.mean())
         out[str(length)] = {"length": length, "num_sequences": int(loss.shape[0]), "loss": mean,
                             **({"bpb": bpb(mean)} if bpb else {}),
-                            "buckets": buckets, "seconds": time.perf_counter() - t0}
+                            "buckets": buckets, "seconds": time.perf_counter() - t0,
+                            **({"streams": streams} if streams else {})}
         log(f"  length {length:>7}: loss {mean:.4f}" + (f" ({bpb(mean):.3f} bits/byte)"
                                                        if bpb else ""))
     return out
+
+
+def _by_bucket(loss: np.ndarray, length: int) -> dict[str, Any]:
+    """One stream's mean loss and its loss per position bucket (positions without a
+    prediction, NaN, left out)."""
+    per_pos = np.nanmean(loss, axis=0)
+    return {"loss": float(np.nanmean(loss)),
+            "buckets": [float(np.nanmean(per_pos[s:e])) for s, e in position_buckets(length)]}
 
 
 def default_recall_distances(train_len: int) -> list[int]:

@@ -116,6 +116,8 @@ class TTTArgs:
       mini_batch_size: ``b``, tokens per inner step and the bounded-RoPE table size.
       use_rope: bounded RoPE on the TTT layer's Q and K (positions ``% b``).
       rope_theta: its base.
+      rope_bounded: with ``use_rope``, rotate by ``position % mini_batch_size`` (true, the
+        Moshi-TTT trick) or by the absolute position (false, the ablation).
       initial_gating_alpha: initial value of the per-channel ``alpha`` in
         ``x += tanh(alpha) * TTT(x)``.
       weight_lr_multiplier: the outer learning rate of the TTT layer's params is the base
@@ -180,6 +182,7 @@ class TTTArgs:
     mini_batch_size: int = 16
     use_rope: bool = False
     rope_theta: float = 10000.0
+    rope_bounded: bool = True
     initial_gating_alpha: float = 0.1
     weight_lr_multiplier: float = 1.0
     alpha_lr_multiplier: float = 1.0
@@ -196,7 +199,7 @@ class TTTArgs:
     def __post_init__(self):
         s = "ttt"
         _check_bools(s, self, ("enable", "use_rope", "freeze_backbone", "qk_l2_norm",
-                               "pre_norm", "noop_init", "persistent_states"))
+                               "pre_norm", "noop_init", "persistent_states", "rope_bounded"))
         if isinstance(self.layers, bool) or not isinstance(self.layers, (str, int)):
             _fail(s, "layers", self.layers, "none, all, middle or indices like \"1,5,9\"")
         _parse_layer_spec(str(self.layers), None)  # syntax now, range once N is known
@@ -226,7 +229,8 @@ class TTTArgs:
         return TTTConfig(model_dim=d_model, num_heads=heads, mini_batch_size=self.mini_batch_size,
                          ttt_layer_type=self.layer_type, use_rope=self.use_rope,
                          rope_theta=float(self.rope_theta), rope_layout=self.rope_layout,
-                         qk_l2_norm=self.qk_l2_norm, ttt_base_lr=float(self.ttt_base_lr),
+                         rope_bounded=self.rope_bounded, qk_l2_norm=self.qk_l2_norm,
+                         ttt_base_lr=float(self.ttt_base_lr),
                          scan_checkpoint_group=self.scan_checkpoint_group)
 
 

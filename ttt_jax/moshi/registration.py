@@ -89,6 +89,10 @@ def _exact_float32(cfg, params, dtype, name: str):
     (the Moshi exports are exact, so ``allow_inexact`` changes nothing)."""
     if dtype not in (None, "float32"):
         raise ValueError(f"--dtype {dtype} is invalid: a {name} export is float32")
+    ttt = cfg.model.ttt
+    if ttt.enable and ttt.use_rope and not ttt.rope_bounded:
+        raise ValueError("ttt.rope_bounded=false cannot be exported: the Moshi-TTT layers "
+                         "rotate by position % mini_batch_size (the ablation stays in JAX)")
     return without_lora(cfg.model, params)
 
 
@@ -198,7 +202,7 @@ def export_lm(cfg: MoshiLMRunConfig, params, out, *, dtype=None, force=False,
 MOSHI_LM = register(Architecture(
     name="moshi_lm", run_config=MoshiLMRunConfig, build_model=MoshiLMObjective,
     sample_input=sample_frames, build_datasets=build_lm_datasets,
-    features=frozenset({"export", "mesh"}), export=export_lm,
+    features=frozenset({"eval", "export", "mesh"}), export=export_lm,
     param_group=param_group, lr_scales=lr_scales, frozen_groups=frozen_groups,
     description="Moshi's whole LMModel (text + audio streams, depformer) with TTT layers "
                 "grafted into its temporal transformer"))
