@@ -4,6 +4,7 @@
   ttt-jax export   --checkpoint RUN_DIR[/STEP] --out DIR         (or --params FILE --config CONFIG)
   ttt-jax import   --in WEIGHTS --out OUT [--config CONFIG]
   ttt-jax generate --checkpoint RUN_DIR[/STEP] --prompt TEXT [-n 200] [--temperature 0.8]
+  ttt-jax generate --checkpoint MOSHI_LM_RUN --input-codes FILE.npy | --input-wav FILE.wav --out F
   ttt-jax eval     --checkpoint RUN_DIR [--checkpoint RUN_DIR ...] [--lengths 512,1k,...]
 
 CONFIG is a YAML file or the name of a packaged preset (``tiny``, ``experiments/bytes_swa``;
@@ -29,7 +30,8 @@ COMMANDS = {
     "train": ("ttt_jax.cli.train", "train a model from a run config (a YAML file or a preset)"),
     "export": ("ttt_jax.cli.export", "a checkpoint or params file to PyTorch names"),
     "import": ("ttt_jax.cli.import_", "PyTorch / Moshi weights into this project"),
-    "generate": ("ttt_jax.generate", "sample text from a byte-level checkpoint"),
+    "generate": ("ttt_jax.generate", "sample text from a text checkpoint, or stream-generate "
+                                     "a moshi_lm run's text and audio codes against a user's"),
     "eval": (None, "long-context evaluation of checkpoints (loss by position, recall)"),
     "prepare": ("ttt_jax.cli.prepare", "tokenize text files into train.bin / val.bin"),
 }
