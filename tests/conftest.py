@@ -53,3 +53,19 @@ def compilation_cache(path):
         for k, v in saved.items():
             jax.config.update(k, v)
         cc.reset_cache()
+
+
+def save_untrained_run(run_dir, run_cfg, params):
+    """A step-0 checkpoint of ``run_cfg`` holding ``params`` (no training), in ``run_dir``."""
+    import jax.numpy as jnp
+    import optax
+
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.training import TrainState
+
+    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                       opt_state=optax.sgd(0.1).init(params))
+    ckpt = Checkpointer(run_dir, every=1, keep=1)
+    assert ckpt.save(state, run_cfg, force=True)
+    ckpt.close()
+    return run_dir

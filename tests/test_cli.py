@@ -15,13 +15,13 @@ import typing
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import optax
 import pytest
 
 from ttt_jax import ModelConfig, RunConfig, TTTConfig, registry
 from ttt_jax.cli import main, presets
 from ttt_jax.config import TrainConfig
+
+from conftest import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -123,9 +123,6 @@ def test_console_script_and_module_entry_point(tmp_path):
 @pytest.fixture(scope="module")
 def attention_run(tmp_path_factory):
     """A step-0 checkpoint of a small ``attention_lm`` run (no training)."""
-    from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.training import TrainState
-
     run_dir = tmp_path_factory.mktemp("swa") / "run"
     model = ModelConfig(vocab_size=256, num_layers=1, intermediate_size=32,
                         ttt=TTTConfig(model_dim=16, num_heads=2, mini_batch_size=4),
@@ -133,12 +130,7 @@ def attention_run(tmp_path_factory):
     cfg = RunConfig(model=model, architecture="attention_lm",
                     train=TrainConfig(run_dir=str(run_dir)))
     params = registry.of(cfg).init_params(model, jax.random.PRNGKey(0))
-    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                       opt_state=optax.sgd(0.1).init(params))
-    ckpt = Checkpointer(run_dir, every=1, keep=1)
-    assert ckpt.save(state, cfg, force=True)
-    ckpt.close()
-    return run_dir
+    return save_untrained_run(run_dir, cfg, params)
 
 
 @pytest.mark.parametrize("command, feature", [

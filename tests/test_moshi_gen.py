@@ -24,6 +24,7 @@ lm_module = pytest.importorskip("moshi.models.lm")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from conftest import save_untrained_run  # noqa: E402
 from test_moshi_lm import build_ref, random_target  # noqa: E402
 
 from ttt_jax.moshi.config import TTTArgs  # noqa: E402
@@ -216,19 +217,9 @@ def test_refusals_name_the_argument(case):
 
 def save_run(cfg, params, run_dir):
     """A step-0 checkpoint of a ``moshi_lm`` run holding ``params`` (no training)."""
-    import optax
-
-    from ttt_jax.checkpoint import Checkpointer
     from ttt_jax.moshi.lm_config import MoshiLMRunConfig
-    from ttt_jax.training import TrainState
 
-    run_cfg = MoshiLMRunConfig(model=cfg)
-    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                       opt_state=optax.sgd(0.1).init(params))
-    ckpt = Checkpointer(run_dir, every=1, keep=1)
-    assert ckpt.save(state, run_cfg, force=True)
-    ckpt.close()
-    return run_dir
+    return save_untrained_run(run_dir, MoshiLMRunConfig(model=cfg), params)
 
 
 @pytest.fixture(scope="module")
@@ -294,19 +285,11 @@ def test_cli_errors_name_the_flag(moshi_run, tmp_path, capsys, argv, match):
 
 def zeros_run(cfg, run_dir):
     """A step-0 checkpoint of run config ``cfg`` with all-zero params (nothing compiled)."""
-    import optax
-
     from ttt_jax import registry
-    from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.training import TrainState
 
     shapes = registry.of(cfg).param_shapes(cfg.model)
-    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
-    ckpt = Checkpointer(run_dir, every=1, keep=1)
-    assert ckpt.save(TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                                opt_state=optax.sgd(0.1).init(params)), cfg, force=True)
-    ckpt.close()
-    return run_dir
+    return save_untrained_run(run_dir, cfg,
+                              jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes))
 
 
 def test_cli_refuses_what_the_run_cannot_take(case, tmp_path, capsys):
