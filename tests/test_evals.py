@@ -33,7 +33,10 @@ from ttt_jax.models import build_model
 from ttt_jax.models.attention_lm import AttentionLM, context_needed, sliding_window_attention
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+# The long-context study of docs/long_context.md; the moshi_motifs_* configs are docs/moshi.md's.
+EXPERIMENTS = sorted(p for p in (REPO / "configs" / "experiments").glob("*.yaml")
+                     if not p.name.startswith("moshi_"))
+MOSHI_STUDY = sorted((REPO / "configs" / "experiments").glob("moshi_motifs_*.yaml"))
 DIM, HEADS, MINI_BATCH, VOCAB = 16, 2, 4, 256
 TTT_LM, ATTENTION_LM = registry.get("ttt_lm"), registry.get("attention_lm")
 # Host-drawn params: values around the initialisers' (norm gains near 1, the gating alpha
@@ -225,6 +228,28 @@ def test_experiment_configs_parse_and_round_trip(path):
     assert cfg.data.seq_len == (256 if cfg.data.source == "bytes" else 128)
     assert cfg.train.run_dir == f"runs/experiments/{path.stem}"
     assert isinstance(build_model(cfg.model), AttentionLM) == (cfg.model.seq_modeling == "swa")
+
+
+def test_the_long_audio_study_differs_only_in_the_sequence_layer_and_the_carried_state():
+    from ttt_jax.config import to_dict
+
+    cfgs = {p.stem.removeprefix("moshi_motifs_"): load_config(p) for p in MOSHI_STUDY}
+    assert set(cfgs) == {"attention"} | {f"ttt_{r}{s}" for r in ("norope", "unbounded", "bounded")
+                                         for s in ("", "_persistent")}
+    base = to_dict(cfgs["ttt_bounded_persistent"])
+    for name, cfg in cfgs.items():
+        ttt = cfg.model.ttt
+        assert cfg.architecture == "moshi_lm" and cfg.data.source == "motifs"
+        assert cfg.train.run_dir == f"runs/moshi_motifs_{name}"
+        assert ttt.persistent_states == name.endswith("_persistent")
+        assert ttt.enable == (name != "attention")
+        if ttt.enable:
+            assert (ttt.use_rope, ttt.rope_bounded) == (
+                "norope" not in name, "unbounded" not in name)
+        other = to_dict(cfg)
+        assert {k: v for k, v in other["model"].items() if k != "ttt"} == {
+            k: v for k, v in base["model"].items() if k != "ttt"}
+        assert other["data"] == base["data"] and other["optim"] == base["optim"]
 
 
 def test_experiment_set_is_complete():
@@ -439,7 +464,7 @@ def test_moshi_loss_by_position_matches_one_full_forward(moshi_run):
     assert layer["before"][0] == pytest.approx(layer["w0"][0], rel=1e-5)  # first mini-batch
     assert np.all(np.isfinite([layer[k] for k in ("w0", "before", "after")]))
     text = evals.markdown_report({"models": [result]})
-    assert "Moshi-TTT: lengths and positions count frames" in text
+    assert "Moshi models: lengths and positions count frames" in text
 
 
 def test_moshi_refuses_recall_and_unbounded_streaming(moshi_run, tmp_path, capsys):
