@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import warnings
@@ -27,6 +28,21 @@ class CheckpointError(RuntimeError):
 
 def item_handlers():
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def stored_tree(state) -> Any:
+    """What a checkpoint holds of ``state``: a dataclass state (``TrainState``) as the dict of
+    its fields, leaving out a field that is ``None`` (the ``carry`` of a model that carries
+    nothing), so such checkpoints keep the layout ``{step, params, opt_state}``."""
+    if dataclasses.is_dataclass(state):
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        return {k: v for k, v in fields.items() if v is not None}
+    return state
+
+
+def from_stored_tree(target, tree) -> Any:
+    """``tree`` (restored in the layout of ``stored_tree(target)``) in ``target``'s type."""
+    return target.replace(**tree) if dataclasses.is_dataclass(target) else tree
 
 
 def shapes(tree) -> dict[str, tuple]:
@@ -131,7 +147,8 @@ class Checkpointer:
     @staticmethod
     def _write(manager, step: int, state, meta: dict) -> None:
         manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(stored_tree(state)), meta=ocp.args.JsonSave(meta)),
+            force=True)
         manager.wait_until_finished()
 
     def _stored_meta(self, step: int) -> Optional[dict]:
@@ -174,7 +191,7 @@ class Checkpointer:
             return None
         # The abstract target carries the target's shardings: restore places arrays as the model
         # wants them, never as they were saved.
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored_tree(target))
         errors, corrupt = [], []
         for step in reversed(steps):
             where = f"checkpoint step {step} in {self.directory}"
@@ -207,7 +224,7 @@ class Checkpointer:
                 moved = self._move_corrupt(corrupt)
                 log(f"moved the corrupt step(s) aside: {', '.join(moved)}")
                 warnings.warn(f"restored the previous good step {step}: " + "; ".join(errors))
-            return restored["state"], meta
+            return from_stored_tree(target, restored["state"]), meta
         raise CheckpointError(f"no checkpoint in {self.directory} could be restored: "
                               + "; ".join(errors))
 
