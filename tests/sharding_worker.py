@@ -16,7 +16,8 @@ read the JSON it writes.
       of width 32 with a TTT layer, a depformer, text + 2 audio streams), 3 AdamW steps on one
       device (remat none) and, with model.remat=layer, on meshes (fsdp=8), (fsdp=2, tensor=4),
       (tensor=8); a checkpoint saved on (fsdp=8) after step 2 restored on (tensor=8) and on
-      one device, then step 3. Writes OUT_DIR/moshi.json.
+      one device, then step 3; and the same model with persistent states (the carried rows
+      split over fsdp=8) against one device for 3 steps. Writes OUT_DIR/moshi.json.
 
   python tests/sharding_worker.py train RUN_DIR OUT_JSON
       ``train.py`` on the same config with mesh (data=2, fsdp=4) for 3 steps; started once per
@@ -260,7 +261,48 @@ def run_moshi(out_dir: Path) -> None:
             float(np.max(np.abs(np.asarray(final[k]) - np.asarray(v))))
             for k, v in finals["single"].items())
         result["restores"][name] = entry
+    result["persistent"] = run_persistent(out_dir)
     (out_dir / "moshi.json").write_text(json.dumps(result, indent=1))
+
+
+def run_persistent(out_dir: Path) -> dict:
+    """Persistent states (the carried rows split over fsdp=8) against one device: 3 steps on
+    motifs recordings, each row continuing its recording."""
+    import jax
+    import numpy as np
+
+    from ttt_jax import training
+    from ttt_jax.config import MeshConfig
+    from ttt_jax.registry import of
+    from ttt_jax.sharding import Layout
+    from ttt_jax.trainer import _micro_batches
+    from ttt_jax.tree import flatten
+
+    cfg = moshi_config("model.ttt.persistent_states=true", "data.source=motifs",
+                       "data.recordings=8", "data.recording_frames=40")
+    arch = of(cfg)
+    train_ds, _ = arch.build_datasets(cfg)
+    optimizer = arch.make_optimizer(cfg)
+    host_init = jax.device_get(jax.jit(lambda k: arch.init_state(cfg, optimizer, k))(
+        jax.random.PRNGKey(cfg.train.seed)))
+    step_fn = training.make_train_step(arch.build_model(cfg.model), optimizer)
+    layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=8)))
+    single = jax.device_put(host_init, jax.devices()[0])
+    sharded = layout.place_state(host_init)
+    single_step = jax.jit(step_fn, donate_argnums=0)
+    mesh_step = layout.jit_train_step(step_fn, sharded)
+    out = {"single": [], "fsdp8": [],
+           "carry_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(sharded.carry)})}
+    for i in range(MOSHI_STEPS):
+        single, m1 = single_step(single, *_micro_batches(train_ds, i, 1))
+        sharded, m2 = mesh_step(sharded, *layout.train_batch(train_ds, i, 1))
+        out["single"].append(float(m1["loss"]))
+        out["fsdp8"].append(float(m2["loss"]))
+    a, b = flatten(jax.device_get(single.carry)), flatten(jax.device_get(sharded.carry))
+    out["max_carry_diff"] = max(float(np.max(np.abs(np.asarray(a[k], np.float64)
+                                                    - np.asarray(b[k], np.float64)))) for k in a)
+    out["carry_rows"] = int(jax.tree.leaves(single.carry)[0].shape[0])
+    return out
 
 
 def run_train(run_dir: Path, out_json: Path) -> None:

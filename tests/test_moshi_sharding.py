@@ -248,3 +248,12 @@ def test_checkpoint_restores_onto_another_mesh(worker):
         np.testing.assert_allclose(entry["losses"], straight, rtol=TOL, err_msg=name)
         assert entry["max_param_diff_vs_single"] < TOL, name
     assert result["restores"]["tensor8"]["param_specs"] == result["runs"]["tensor8"]["param_specs"]
+
+
+def test_persistent_states_on_a_mesh_match_one_device(worker):
+    """The carried state's rows are split as the batch's; three steps equal one device's."""
+    run = worker()["persistent"]
+    assert run["carry_rows"] == 8 and run["carry_specs"]
+    assert all("fsdp" in spec for spec in run["carry_specs"])
+    np.testing.assert_allclose(run["fsdp8"], run["single"], rtol=TOL)
+    assert run["max_carry_diff"] < TOL

@@ -220,9 +220,13 @@ class Layout:
                             is_leaf=lambda x: isinstance(x, P))
 
     def train_state_shardings(self, state) -> Any:
-        """Shardings of a ``TrainState`` (abstract or concrete)."""
+        """Shardings of a ``TrainState`` (abstract or concrete); a carried state
+        (``TrainState.carry``, one entry per batch row) has its rows split as the batch's."""
+        carry = (None if state.carry is None else
+                 jax.tree.map(lambda x: self.rows_sharding(x.ndim, 0), state.carry))
         return state.replace(step=self.replicated, params=self.param_shardings(state.params),
-                             opt_state=self.opt_state_shardings(state.opt_state, state.params))
+                             opt_state=self.opt_state_shardings(state.opt_state, state.params),
+                             carry=carry)
 
     def rows_sharding(self, ndim: int, row_axis: int) -> NamedSharding:
         """Rows (``row_axis``) split over data x fsdp, other dims whole."""

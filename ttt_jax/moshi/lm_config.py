@@ -376,7 +376,8 @@ class MoshiLMRunConfig:
             self._check_persistent()
 
     def _check_persistent(self) -> None:
-        """``ttt.persistent_states`` reads recordings in order on one device."""
+        """``ttt.persistent_states`` reads recordings in order, starting each from its frame of
+        initial tokens."""
         if self.data.source not in ("codebooks", "motifs"):
             _fail("data", "source", self.data.source,
                   "'codebooks' or 'motifs' with ttt.persistent_states (recordings read in "
@@ -385,6 +386,3 @@ class MoshiLMRunConfig:
             _fail("model", "delays", self.model.delays,
                   "a stream with delay 0 with ttt.persistent_states (it marks where a "
                   "recording starts)")
-        if self.mesh is not None:
-            raise ValueError("mesh is invalid with ttt.persistent_states: expected no mesh "
-                             "(the carried state is not sharded yet)")
