@@ -233,6 +233,21 @@ def test_a_resumed_persistent_run_is_bit_identical(runs):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_resuming_with_another_batch_size_names_the_carried_state(runs, tmp_path):
+    import shutil
+
+    from ttt_jax.checkpoint import CheckpointError
+
+    tmp, _, _ = runs
+    shutil.copytree(tmp / "straight", tmp_path / "run")
+    cfg = load("moshi_lm_tiny", RUN + ["train.steps=3", "data.batch_size=4",
+                                       f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(CheckpointError, match=r"(?s)carry/layers/0/attn/pos: checkpoint int32"
+                                              r"\[2, 6\] vs model int32\[4, 6\].*one row per "
+                                              r"data.batch_size"):
+        run(cfg, print_fn=lambda *a, **k: None)
+
+
 def reference_stream_losses(cfg, params, tokens):
     """Per-stream cross-entropy ``[B, L, S]`` of frames ``tokens [B, L + 1, K]`` from one
     forward over them, in numpy; NaN where the forward has no prediction."""

@@ -70,9 +70,15 @@ def check_fits(saved: dict[str, tuple], target: dict[str, tuple], where: str) ->
     problems += [f"{k}: missing from the checkpoint" for k in sorted(set(target) - set(saved))]
     problems += [f"{k}: not in the model" for k in sorted(set(saved) - set(target))]
     if problems:
+        hint = ""
+        if any(p.startswith("carry/") for p in problems):
+            hint = ("\n(carry/ is the state carried between steps with ttt.persistent_states, one "
+                    "row per data.batch_size row: resume with the checkpoint's data.batch_size "
+                    "and ttt.persistent_states, or start a new run with checkpoint.init_from)")
         raise CheckpointError(f"{where} does not fit the model (use checkpoint.init_from for a "
                               f"different model):\n" + "\n".join(problems[:20])
-                              + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else ""))
+                              + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
+                              + hint)
 
 
 def _primary() -> bool:
