@@ -41,10 +41,6 @@ def small():
     return cfg, params
 
 
-def initial_ids(cfg):
-    return (cfg.text_card,) + (cfg.card,) * cfg.n_q
-
-
 def random_codes(cfg, batch, frames, seed=0):
     rng = np.random.default_rng(seed)
     text = rng.integers(0, cfg.text_card, (batch, 1, frames))
@@ -60,7 +56,7 @@ def jitted(model, method=None):
 
 def windows_of(cfg, codes, length):
     """Delayed windows ``[B, K, length + 1]`` of whole recordings ``codes [B, K, N]``."""
-    delayed = np.stack([delayed_recording(c, cfg.delays, initial_ids(cfg)) for c in codes])
+    delayed = np.stack([delayed_recording(c, cfg.delays, cfg.initial_ids) for c in codes])
     n = codes.shape[2] // length
     return [delayed[:, :, c * length:c * length + length + 1] for c in range(n)]
 

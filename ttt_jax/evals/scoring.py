@@ -207,10 +207,10 @@ class Scorer:
         from ttt_jax.moshi.lm import ZERO_TOKEN_ID, delayed_recording
 
         cfg = self.cfg
-        initial = (cfg.text_card,) + (cfg.card,) * cfg.n_q
         codes = np.swapaxes(tokens, 1, 2)  # [B, K, n]
         bsz, _, n = codes.shape
-        delayed = np.stack([delayed_recording(c, cfg.delays, initial) for c in codes])
+        delayed = np.stack([delayed_recording(c, cfg.delays, cfg.initial_ids)
+                            for c in codes])
         # Predictions of delayed positions [0, n - 1 + max delay) place every frame but the
         # last (the positions past the recording read the zero-token padding: not counted).
         positions = n - 1 + max(max(cfg.delays), 1)

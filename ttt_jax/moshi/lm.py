@@ -282,8 +282,8 @@ class MoshiLM(nn.Module):
 
     @property
     def initial_ids(self) -> tuple[int, ...]:
-        """The initial token of every stream: ``text_card`` for text, ``card`` for audio."""
-        return (self.config.text_card,) + (self.config.card,) * self.config.n_q
+        """The initial token of every stream (``MoshiLMConfig.initial_ids``)."""
+        return self.config.initial_ids
 
     def _check(self, codes):
         k = self.config.num_codebooks

@@ -183,6 +183,11 @@ class MoshiLMConfig:
         return self.n_q + 1
 
     @property
+    def initial_ids(self) -> tuple[int, ...]:
+        """The initial token of every stream: ``text_card`` for text, ``card`` for audio."""
+        return (self.text_card,) + (self.card,) * self.n_q
+
+    @property
     def text_vocab_out(self) -> int:
         return self.text_card if self.text_card_out is None else self.text_card_out
 

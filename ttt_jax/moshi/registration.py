@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from ttt_jax.moshi.config import MoshiRunConfig, MoshiTTTConfig
 from ttt_jax.moshi.data import make_frames_dataset, make_recording_windows
 from ttt_jax.moshi.hybrid import MoshiTTTLM
-from ttt_jax.moshi.lm import ZERO_TOKEN_ID, MoshiLM
+from ttt_jax.moshi.lm import ZERO_TOKEN_ID, LMOutput, MoshiLM
 from ttt_jax.moshi.lm_config import MoshiLMConfig, MoshiLMRunConfig
-from ttt_jax.moshi.lm_loss import loss_with_mask, moshi_lm_loss
+from ttt_jax.moshi.lm_loss import moshi_lm_loss
 from ttt_jax.nn.lora import LoRAConfig, is_lora_path, merge
 from ttt_jax.moshi.sharding import MOSHI_RULES, layer_working_set
 from ttt_jax.registry import Architecture, register
@@ -124,15 +124,17 @@ class MoshiLMObjective(MoshiLM, OwnObjective):
     def __call__(self, frames):
         return super().__call__(jnp.swapaxes(frames, 1, 2))
 
+    def _loss(self, out: LMOutput, codes):
+        cfg = self.config
+        loss, _ = moshi_lm_loss(cfg, out, codes, text_padding_weight=cfg.text_padding_weight,
+                                first_codebook_weight_multiplier=(
+                                    cfg.first_codebook_weight_multiplier))
+        return loss, jnp.ones((), jnp.float32)
+
     def loss_sums(self, tokens, mask):
         """``(text + audio loss, 1)`` of frames ``tokens [B, T, K]`` (``mask`` is unused)."""
         del mask
-        cfg = self.config
-        codes = jnp.swapaxes(tokens, 1, 2)  # [B, K, T], text first
-        weights = dict(text_padding_weight=cfg.text_padding_weight,
-                       first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier)
-        loss, _ = moshi_lm_loss(cfg, self(tokens), codes, **weights)
-        return loss, jnp.ones((), jnp.float32)
+        return self._loss(self(tokens), jnp.swapaxes(tokens, 1, 2))  # codes [B, K, T]
 
     @property
     def persistent_states(self) -> bool:
@@ -147,21 +149,14 @@ class MoshiLMObjective(MoshiLM, OwnObjective):
         target is counted unless it is a stream's initial token (a frame before the stream
         begins) or the zero token ``-1``."""
         del mask
-        cfg = self.config
+        q = 1 + self.config.dep_q
         window = jnp.swapaxes(tokens, 1, 2)  # [B, K, T + 1]
         text_logits, audio_logits, carry = self.stream_window(window, carry)
         target = window[:, :, 1:]
         initial = jnp.asarray(self.initial_ids, target.dtype)[None, :, None]
         valid = (target != initial) & (target != ZERO_TOKEN_ID)
-        text = loss_with_mask(text_logits, target[:, :1], valid[:, :1], mode="text",
-                              text_padding_weight=cfg.text_padding_weight,
-                              text_padding_ids=(cfg.existing_text_padding_id,
-                                                cfg.existing_text_end_padding_id))
-        q = slice(1, 1 + cfg.dep_q)
-        audio = loss_with_mask(audio_logits, target[:, q], valid[:, q], mode="audio",
-                               first_codebook_weight_multiplier=(
-                                   cfg.first_codebook_weight_multiplier))
-        return (text + audio, jnp.ones((), jnp.float32)), carry
+        out = LMOutput(audio_logits, valid[:, 1:q], text_logits, valid[:, :1])
+        return self._loss(out, target), carry
 
 
 def sample_frames(cfg: MoshiLMConfig, batch: int, length: int):
@@ -180,9 +175,8 @@ def build_lm_datasets(cfg: MoshiLMRunConfig):
     (``RecordingWindows``); validation always scores independent windows from a fresh state."""
     common = dict(vocab_sizes=lm_vocab_sizes(cfg.model), seed=cfg.train.seed)
     if cfg.model.ttt.persistent_states:
-        initial = (cfg.model.text_card,) + (cfg.model.card,) * cfg.model.n_q
         train = make_recording_windows(cfg.data, split="train", delays=cfg.model.delays,
-                                       initial=initial, **common)
+                                       initial=cfg.model.initial_ids, **common)
     else:
         train = make_frames_dataset(cfg.data, split="train", **common)
     return train, make_frames_dataset(cfg.data, split="val", **common)
