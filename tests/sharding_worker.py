@@ -70,17 +70,44 @@ def specs(tree) -> dict[str, str]:
     return out
 
 
+def single_setup(step_fn, train_ds) -> dict:
+    """How one device runs: state placement, the jitted step and the batches."""
+    import jax
+
+    from ttt_jax.trainer import _micro_batches
+
+    return dict(place=lambda s: jax.device_put(s, jax.devices()[0]),
+                step=jax.jit(step_fn, donate_argnums=0),
+                batch=lambda i: _micro_batches(train_ds, i, 1))
+
+
+def mesh_setup(cfg, mesh: dict, step_fn, train_ds, host_init) -> dict:
+    """The same on ``cfg`` with ``mesh`` (its ``Layout`` under ``layout``)."""
+    from ttt_jax.config import MeshConfig
+    from ttt_jax.sharding import Layout
+
+    layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig(**mesh)))
+    return dict(place=layout.place_state, layout=layout,
+                batch=lambda i: layout.train_batch(train_ds, i, 1),
+                step=layout.jit_train_step(step_fn, layout.place_state(host_init)))
+
+
+def new_record(setup: dict, state) -> dict:
+    """A run's record before training: the shardings it starts with, and its mesh."""
+    run = {"param_specs": specs(state.params), "opt_specs": specs(state.opt_state), "losses": []}
+    if "layout" in setup:
+        run["mesh_shape"] = dict(setup["layout"].mesh.shape)
+    return run
+
+
 def run_meshes(out_dir: Path) -> None:
     import jax
     import numpy as np
 
     from ttt_jax import training
     from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.config import MeshConfig
     from ttt_jax.models.ttt_lm import TTTLM
-    from ttt_jax.sharding import Layout
     from ttt_jax.registry import of
-    from ttt_jax.trainer import _micro_batches
     from ttt_jax.tree import flatten
 
     cfg = base_config()
@@ -92,28 +119,16 @@ def run_meshes(out_dir: Path) -> None:
     step_fn = training.make_train_step(model, optimizer)
     ckpt_dir = out_dir / "ckpt_run"
 
-    setups = {}
-    for name, mesh in MESHES.items():
-        if mesh is None:
-            device = jax.devices()[0]
-            setups[name] = dict(
-                place=lambda s, d=device: jax.device_put(s, d),
-                step=jax.jit(step_fn, donate_argnums=0),
-                batch=lambda i: _micro_batches(train_ds, i, 1))
-        else:
-            layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig(**mesh)))
-            setups[name] = dict(place=layout.place_state, layout=layout,
-                                batch=lambda i, lay=layout: lay.train_batch(train_ds, i, 1))
-            setups[name]["step"] = layout.jit_train_step(step_fn, layout.place_state(host_init))
+    setups = {name: single_setup(step_fn, train_ds) if mesh is None else
+              mesh_setup(cfg, mesh, step_fn, train_ds, host_init)
+              for name, mesh in MESHES.items()}
 
     result = {"devices": jax.device_count(), "runs": {}}
     finals, saved_params = {}, None
     for name, s in setups.items():
         state = s["place"](host_init)
-        run = {"param_specs": specs(state.params), "opt_specs": specs(state.opt_state),
-               "losses": []}
+        run = new_record(s, state)
         if "layout" in s:
-            run["mesh_shape"] = dict(s["layout"].mesh.shape)
             run["local_rows"] = list(s["layout"].local_rows(cfg.data.batch_size))
         for i in range(STEPS):
             state, metrics = s["step"](state, *s["batch"](i))
@@ -190,10 +205,7 @@ def run_moshi(out_dir: Path) -> None:
 
     from ttt_jax import training
     from ttt_jax.checkpoint import Checkpointer
-    from ttt_jax.config import MeshConfig
     from ttt_jax.registry import of
-    from ttt_jax.sharding import Layout
-    from ttt_jax.trainer import _micro_batches
     from ttt_jax.tree import flatten
 
     cfg = moshi_config()
@@ -204,27 +216,18 @@ def run_moshi(out_dir: Path) -> None:
         jax.random.PRNGKey(cfg.train.seed)))
     rcfg = moshi_config("model.remat=layer")
 
-    setups = {"single": dict(
-        place=lambda s: jax.device_put(s, jax.devices()[0]),
-        step=jax.jit(training.make_train_step(arch.build_model(cfg.model), optimizer),
-                     donate_argnums=0),
-        batch=lambda i: _micro_batches(train_ds, i, 1))}
+    setups = {"single": single_setup(
+        training.make_train_step(arch.build_model(cfg.model), optimizer), train_ds)}
     step_fn = training.make_train_step(arch.build_model(rcfg.model), optimizer)
     for name, mesh in MOSHI_MESHES.items():
-        layout = Layout.from_config(dataclasses.replace(rcfg, mesh=MeshConfig(**mesh)))
-        setups[name] = dict(place=layout.place_state, layout=layout,
-                            batch=lambda i, lay=layout: lay.train_batch(train_ds, i, 1))
-        setups[name]["step"] = layout.jit_train_step(step_fn, layout.place_state(host_init))
+        setups[name] = mesh_setup(rcfg, mesh, step_fn, train_ds, host_init)
 
     result = {"devices": jax.device_count(), "runs": {}, "restores": {}, "seconds": {}}
     finals, saved = {}, None
     ckpt_dir = out_dir / "moshi_ckpt"
     for name, s in setups.items():
         state = s["place"](host_init)
-        run = {"param_specs": specs(state.params), "opt_specs": specs(state.opt_state),
-               "losses": []}
-        if "layout" in s:
-            run["mesh_shape"] = dict(s["layout"].mesh.shape)
+        run = new_record(s, state)
         start = time.time()
         for i in range(MOSHI_STEPS):
             state, metrics = s["step"](state, *s["batch"](i))
@@ -272,10 +275,7 @@ def run_persistent(out_dir: Path) -> dict:
     import numpy as np
 
     from ttt_jax import training
-    from ttt_jax.config import MeshConfig
     from ttt_jax.registry import of
-    from ttt_jax.sharding import Layout
-    from ttt_jax.trainer import _micro_batches
     from ttt_jax.tree import flatten
 
     cfg = moshi_config("model.ttt.persistent_states=true", "data.source=motifs",
@@ -286,16 +286,14 @@ def run_persistent(out_dir: Path) -> dict:
     host_init = jax.device_get(jax.jit(lambda k: arch.init_state(cfg, optimizer, k))(
         jax.random.PRNGKey(cfg.train.seed)))
     step_fn = training.make_train_step(arch.build_model(cfg.model), optimizer)
-    layout = Layout.from_config(dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=8)))
-    single = jax.device_put(host_init, jax.devices()[0])
-    sharded = layout.place_state(host_init)
-    single_step = jax.jit(step_fn, donate_argnums=0)
-    mesh_step = layout.jit_train_step(step_fn, sharded)
+    one = single_setup(step_fn, train_ds)
+    mesh = mesh_setup(cfg, dict(data=1, fsdp=8), step_fn, train_ds, host_init)
+    single, sharded = one["place"](host_init), mesh["place"](host_init)
     out = {"single": [], "fsdp8": [],
            "carry_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(sharded.carry)})}
     for i in range(MOSHI_STEPS):
-        single, m1 = single_step(single, *_micro_batches(train_ds, i, 1))
-        sharded, m2 = mesh_step(sharded, *layout.train_batch(train_ds, i, 1))
+        single, m1 = one["step"](single, *one["batch"](i))
+        sharded, m2 = mesh["step"](sharded, *mesh["batch"](i))
         out["single"].append(float(m1["loss"]))
         out["fsdp8"].append(float(m2["loss"]))
     a, b = flatten(jax.device_get(single.carry)), flatten(jax.device_get(sharded.carry))
