@@ -19,7 +19,8 @@ from ttt_jax.config import TTTConfig
 from ttt_jax.math.inner import gelu_tanh
 from ttt_jax.math.rope import apply_bounded_rope
 from ttt_jax.math import inner
-from ttt_jax.math.ttt import ttt_dual_tokens, ttt_stream, ttt_token
+from ttt_jax.math.ttt import ttt_dual_tokens
+from ttt_jax.math.ttt_stream import ttt_stream, ttt_token
 from ttt_jax.nn.layers import CausalDepthwiseConv, last_inputs
 from ttt_jax.types import SequenceMetadata
 
