@@ -7,7 +7,7 @@ run directory that already holds checkpoints is resumed (``--force-new`` moves i
 starts anew). The config's ``architecture:`` key (default ``ttt_lm``) selects the model.
 ``--check`` only validates the config, its data and the run directory, and prints the
 parameter count (and, for an architecture that runs on a mesh, the per-device memory estimate
-of ``ttt_jax.sharding.memory_estimate``). Exit status: 0 done, 2 a bad config or input (one ``error:`` line), 3 a
+of ``ttt_jax.memory.memory_estimate``). Exit status: 0 done, 2 a bad config or input (one ``error:`` line), 3 a
 non-finite loss or gradient, 130 / 143 stopped by SIGINT / SIGTERM (after saving a checkpoint).
 """
 
@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace, stop) -> int:
         print(f"config {args.config}: {arch.count_params(cfg.model):,} parameters; "
               f"data {train_ds.describe()['source']} ok")
         if arch.supports("mesh"):  # per device under the sharding rules (docs/scaling.md)
-            from ttt_jax.sharding import describe_memory
+            from ttt_jax.memory import describe_memory
 
             print(describe_memory(cfg, arch))
         return 0

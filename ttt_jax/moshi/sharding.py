@@ -66,7 +66,7 @@ def layer_working_set(cfg, rows: int) -> int:
     from ttt_jax.moshi.hybrid import HybridLayer
     from ttt_jax.moshi.lm import DepformerLayer
     from ttt_jax.moshi.lm_config import MoshiLMConfig
-    from ttt_jax.sharding import residual_bytes
+    from ttt_jax.memory import residual_bytes
 
     model = cfg.model
     if model.remat != "layer":
