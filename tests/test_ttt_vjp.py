@@ -48,7 +48,7 @@ def _positions(length):
     return jnp.arange(length)[None] + jnp.array([[0], [3]])  # [B, L]: two different phases
 
 
-def _loss_fn(use_rope, group, hand_vjp, length):
+def _loss_fn(use_rope, group, hand_vjp, length, lanes=None):
     """A scalar of ``ttt_dual``'s outputs and final state (RoPE rotates Q/K first)."""
     w_out = jnp.cos(jnp.arange(B * H * length * F, dtype=jnp.float32)).reshape(B, H, length, F)
 
@@ -57,7 +57,7 @@ def _loss_fn(use_rope, group, hand_vjp, length):
             xq, xk = rope.apply_bounded_rope(xq, xk, _positions(length), mini_batch_size=MB,
                                              theta=10000.0, layout="interleaved")
         out, state = ttt_dual(params, xq, xk, xv, lr, token_idx, ln_w, ln_b,
-                              checkpoint_group=group, hand_vjp=hand_vjp)
+                              checkpoint_group=group, hand_vjp=hand_vjp, lanes=lanes)
         tail = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(state))
         return jnp.sum(out * w_out) + tail
 
@@ -81,6 +81,24 @@ def test_hand_vjp_matches_autodiff(layer_type, use_rope, length, group):
             assert scale > 1e-4, f"{name}: no gradient to compare"
             err = float(jnp.max(jnp.abs(x - y)))
             assert err <= 2e-5 * scale, f"{name}: hand {err:.2e} from autodiff (scale {scale:.2e})"
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_lanes_of_heads_give_the_same_values(layer_type):
+    """Heads split into independent chains (``lanes``) or run as one batch: same values and
+    gradients, each equal to autodiff of the plain dual form."""
+    length, group = 3 * MB + 1, 3
+    args = _inputs(layer_type, length, seed=11)
+    auto = _grads(_loss_fn(False, group, False, length)[0], args)
+    for lanes in (1, H):
+        hand = _grads(_loss_fn(False, group, True, length, lanes)[0], args)
+        for name, a, b in zip(ARGNAMES, hand, auto):
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+                scale = float(jnp.max(jnp.abs(y)))
+                err = float(jnp.max(jnp.abs(x - y)))
+                assert err <= 2e-5 * scale, f"lanes={lanes} {name}: {err:.2e} (scale {scale:.2e})"
+    with pytest.raises(ValueError, match="lanes: 3 must .* divide the number of heads"):
+        ttt_dual(*args, lanes=3)
 
 
 def _reference_value(use_rope, length, w_out):

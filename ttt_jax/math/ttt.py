@@ -207,28 +207,70 @@ def _groups(n: int, group: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group):
+def auto_lanes(heads: int) -> int:
+    """How many independent lanes of heads the scan runs side by side (``scan_tokens``).
+
+    2 on the CPU when the heads split evenly, else 1. On the CPU each step's small batched
+    products cost more in thread hand-offs than they gain from splitting one product over
+    the cores; two independent chains of half the heads are scheduled on the cores side by
+    side instead (benchmarks/README.md). Accelerators run the whole batch in each kernel.
+    """
+    return 2 if jax.default_backend() == "cpu" and heads % 2 == 0 else 1
+
+
+def _lane_slices(heads: int, lanes: int) -> list[slice]:
+    if lanes < 1 or heads % lanes:
+        raise ValueError(f"lanes: {lanes} must be >= 1 and divide the number of heads ({heads})")
+    size = heads // lanes
+    return [slice(k * size, (k + 1) * size) for k in range(lanes)]
+
+
+def _split(tree, lanes):
+    """``[B, H, ...]`` leaves (``[H, ...]`` with ``axis=0``) as one tree per lane of heads."""
+    return tuple(jax.tree.map(lambda a, sl=sl: a[:, sl], tree) for sl in lanes)
+
+
+def _merge(trees, axis=1):
+    """The inverse of ``_split``: lanes concatenated along the heads axis."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=axis) if len(a) > 1 else a[0],
+                        *trees)
+
+
+def _frame(xs, i, sl):
+    """Mini-batch ``i`` of every input, heads ``sl`` only: ``[B, h, b, ...]``."""
+    return tuple(_chunk(x, i)[:, sl] for x in xs)
+
+
+def _forward_step(lanes, tok, ln_weight, ln_bias, xs):
+    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place."""
+    def step(carry, i):
+        states, z_bar = carry
+        new, zs = [], []
+        for sl, state in zip(lanes, states):
+            state, z = dual_step(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
+            new.append(state)
+            zs.append(z)
+        return (tuple(new), _put(z_bar, _merge(zs), i)), None
+
+    return step
+
+
+def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """``n`` mini-batches in the dual form, read from and written to the token-major layout."""
     del group  # used by the derivative only
-
-    def step(carry, i):
-        state, z_bar = carry
-        state, z = dual_step(state, *(_chunk(x, i) for x in xs), tok, ln_weight, ln_bias)
-        return (state, _put(z_bar, z, i)), None
-
+    lanes = _lane_slices(xs[0].shape[3], lanes)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
     z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
-    (state, z_bar), _ = jax.lax.scan(step, (state, z_bar), jnp.arange(xs[0].shape[1]))
-    return state, z_bar
+    (states, z_bar), _ = jax.lax.scan(step, (_split(state, lanes), z_bar),
+                                      jnp.arange(xs[0].shape[1]))
+    return _merge(states), z_bar
 
 
-def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group):
+def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
-    def step(carry, i):
-        state, z_bar = carry
-        state, z = dual_step(state, *(_chunk(x, i) for x in xs), tok, ln_weight, ln_bias)
-        return (state, _put(z_bar, z, i)), None
-
-    carry = (state, jnp.zeros(xs[0].shape, xs[0].dtype))
+    lanes = _lane_slices(xs[0].shape[3], lanes)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
+    carry = (_split(state, lanes), jnp.zeros(xs[0].shape, xs[0].dtype))
     starts = []
     for first, count, size in _groups(xs[0].shape[1], group):
         def run_group(carry, k, first=first, size=size):
@@ -237,33 +279,46 @@ def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group):
 
         carry, group_starts = jax.lax.scan(run_group, carry, jnp.arange(count))
         starts.append(group_starts)
-    return carry, (starts, xs, tok, ln_weight, ln_bias)
+    states, z_bar = carry
+    return (_merge(states), z_bar), (starts, xs, tok, ln_weight, ln_bias)
 
 
-def _scan_tokens_bwd(group, res, cts):
+def _scan_tokens_bwd(group, lanes, res, cts):
     """Groups last first: recompute the group's start states and inner gradients from the kept
     state, then run ``_dual_step_bwd`` from the group's last mini-batch to its first."""
     starts, xs, tok, ln_weight, ln_bias = res
     d_state, d_zbar = cts
+    lanes = _lane_slices(xs[0].shape[3], lanes)
 
     def step_back(carry, inp):
-        d_state, d_consts, d_xs = carry
-        i, state, keys = inp
-        frame = tuple(_chunk(x, i) for x in xs)
-        d_state, *d_frame, dt, dw, db = _dual_step_bwd(
-            (state, *frame, tok, ln_weight, ln_bias), (d_state, _chunk(d_zbar, i)), keys)
+        d_states, d_consts, d_xs = carry
+        i, states, keys = inp
+        new, frames, consts = [], [], []
+        for sl, state, d_st, key in zip(lanes, states, d_states, keys):
+            d_st, *d_frame, dt, dw, db = _dual_step_bwd(
+                (state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl]),
+                (d_st, _chunk(d_zbar, i)[:, sl]), key)
+            new.append(d_st)
+            frames.append(tuple(d_frame))
+            consts.append((dt, dw, db))
+        dt = sum(c[0] for c in consts)
+        dw, db = (_merge([c[k] for c in consts], axis=0) for k in (1, 2))
         d_consts = tuple(c + d for c, d in zip(d_consts, (dt, dw, db)))
-        d_xs = tuple(_put(buf, d, i) for buf, d in zip(d_xs, d_frame))
-        return (d_state, d_consts, d_xs), None
+        d_xs = tuple(_put(buf, _merge(d), i) for buf, d in zip(d_xs, zip(*frames)))
+        return (tuple(new), d_consts, d_xs), None
 
-    def advance(state, i):  # a mini-batch's start state and its inner gradients
-        _, xk, xv, lr = (_chunk(x, i) for x in xs)
-        keys = _keys(state, xk, xv, ln_weight, ln_bias)
-        acts, _, gs, _ = keys
-        return inner.step(state, acts, gs, tok[-1] * lr), (state, keys)
+    def advance(states, i):  # a mini-batch's start state and its inner gradients, every lane
+        new, keys = [], []
+        for sl, state in zip(lanes, states):
+            _, xk, xv, lr = _frame(xs, i, sl)
+            key = _keys(state, xk, xv, ln_weight[sl], ln_bias[sl])
+            acts, _, gs, _ = key
+            new.append(inner.step(state, acts, gs, tok[-1] * lr))
+            keys.append(key)
+        return tuple(new), (states, tuple(keys))
 
     d_consts = (jnp.zeros_like(tok), jnp.zeros_like(ln_weight), jnp.zeros_like(ln_bias))
-    carry = (d_state, d_consts, tuple(jnp.zeros_like(x) for x in xs))
+    carry = (_split(d_state, lanes), d_consts, tuple(jnp.zeros_like(x) for x in xs))
     for (first, _, size), group_starts in reversed(list(zip(_groups(xs[0].shape[1], group),
                                                             starts))):
         def group_back(carry, inp, first=first, size=size):
@@ -276,22 +331,23 @@ def _scan_tokens_bwd(group, res, cts):
         count = jax.tree.leaves(group_starts)[0].shape[0]
         carry, _ = jax.lax.scan(group_back, carry, (jnp.arange(count), group_starts),
                                 reverse=True)
-    d_state, d_consts, d_xs = carry
-    return (d_state, d_xs, *d_consts)
+    d_states, d_consts, d_xs = carry
+    return (_merge(d_states), d_xs, *d_consts)
 
 
-scan_tokens = jax.custom_vjp(_scan_tokens_plain, nondiff_argnums=(5,))
+scan_tokens = jax.custom_vjp(_scan_tokens_plain, nondiff_argnums=(5, 6))
 scan_tokens.defvjp(_scan_tokens_fwd, _scan_tokens_bwd)
 scan_tokens.__doc__ = """``n`` mini-batches in the dual form, token-major, differentiated by hand.
 
-``scan_tokens(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)`` with
+``scan_tokens(state, xs, tok, ln_weight, ln_bias, group, lanes) -> (state, z_bar)`` with
 ``xs = (xq, xk, xv, lr)`` laid out ``[B, n, b, H, f]`` (``lr: [B, n, b, H]``: the projections'
 own layout, a reshape of ``[B, L, H, f]``) and ``z_bar: [B, n, b, H, f]``. Each step reads its
 mini-batch with a dynamic slice and writes its outputs in place, so no input or output is
 ever transposed as a whole. The backward pass keeps the start state of every ``group``-th
 mini-batch (the last group may be shorter), recomputes the others, and runs
 ``_dual_step_bwd`` from the last mini-batch to the first, writing the inputs' cotangents in
-place the same way.
+place the same way. ``lanes`` splits the heads into that many independent chains inside each
+step (heads never interact, so the values are the same; see ``auto_lanes``).
 """
 
 
@@ -320,7 +376,7 @@ def _scan(step: Callable, carry, xs, group: int):
     return carry, ys
 
 
-def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp):
+def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     """``n`` whole mini-batches, token-major ``[B, n, b, H, ...]`` in and ``z_bar`` out.
 
     ``hand_vjp``: ``scan_tokens``; otherwise the same steps differentiated by autodiff under
@@ -328,7 +384,7 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp):
     """
     if hand_vjp:
         n = xs[0].shape[1]
-        return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n))
+        return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n), lanes)
     xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 
     def step(carry, x):
@@ -342,7 +398,8 @@ def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[A
                     xv: Float[Array, "B L H f"], lr: Float[Array, "B L H"],
                     learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
                     ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
-                    initial_state: InnerState | None = None, hand_vjp: bool = True):
+                    initial_state: InnerState | None = None, hand_vjp: bool = True,
+                    lanes: int | None = None):
     """``ttt_dual`` on token-major inputs ``[B, L, H, f]`` (``lr: [B, L, H]``).
 
     The projections' own layout (``[B, L, d]`` split into heads by a reshape); ``out`` comes
@@ -353,16 +410,18 @@ def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[A
     tok = token_weights(learnable_token_idx)
     lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, f]
     state = initial_state if initial_state is not None else inner.init_state(params, bsz)
+    lanes = auto_lanes(heads) if lanes is None else lanes
     n, r = divmod(length, b)
     parts = []
     if n:
         xs = tuple(x[:, :n * b].reshape(bsz, n, b, *x.shape[2:]) for x in (xq, xk, xv, lr))
-        state, z_bar = _dual_chunks(state, xs, tok, lnw, lnb, checkpoint_group, hand_vjp)
+        state, z_bar = _dual_chunks(state, xs, tok, lnw, lnb, checkpoint_group, hand_vjp,
+                                    lanes)
         parts.append(z_bar.reshape(bsz, n * b, heads, f))
     if r:  # the final partial mini-batch is a shorter mini-batch, no padding (docs/architecture.md §1.7)
         xs = tuple(x[:, n * b:, None] for x in (xq, xk, xv, lr))  # [B, 1, r, ...]
         xs = tuple(jnp.moveaxis(x, 2, 1) for x in xs)
-        state, z_bar = _dual_chunks(state, xs, tok[:r], lnw, lnb, 0, hand_vjp)
+        state, z_bar = _dual_chunks(state, xs, tok[:r], lnw, lnb, 0, hand_vjp, lanes)
         parts.append(z_bar.reshape(bsz, r, heads, f))
     z_bar = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return xq + layer_norm(z_bar, ln_weight, ln_bias), state
@@ -372,7 +431,8 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
              xv: Float[Array, "B H L f"], lr: Float[Array, "B H L"],
              learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
              ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
-             initial_state: InnerState | None = None, hand_vjp: bool = True):
+             initial_state: InnerState | None = None, hand_vjp: bool = True,
+             lanes: int | None = None):
     """TTT over a whole sequence in the dual form.
 
     Args:
@@ -387,6 +447,8 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
       hand_vjp: differentiate the scan by its hand-written derivative (``scan_tokens``);
         False: by autodiff of ``dual_step`` under ``jax.checkpoint``. Same values either way,
         to float rounding.
+      lanes: independent chains of heads inside each step of the hand-differentiated scan
+        (must divide ``H``); None: ``auto_lanes(H)``. The same values for any choice.
 
     Returns:
       ``(out, state)``: ``out = xq + LN(z_bar)`` of shape ``[B, H, L, f]`` and the inner state
@@ -395,7 +457,7 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
     tokens = (*(jnp.swapaxes(x, 1, 2) for x in (xq, xk, xv)), jnp.swapaxes(lr, 1, 2))
     out, state = ttt_dual_tokens(params, *tokens, learnable_token_idx, ln_weight, ln_bias,
                                  checkpoint_group=checkpoint_group, initial_state=initial_state,
-                                 hand_vjp=hand_vjp)
+                                 hand_vjp=hand_vjp, lanes=lanes)
     return jnp.swapaxes(out, 1, 2), state
 
 
