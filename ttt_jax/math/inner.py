@@ -37,6 +37,20 @@ def mm(x: Array, y: Array) -> Array:
     return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
+def mm_tn(x: Array, y: Array) -> Array:
+    """``x^T y`` over the token axis (``x: [..., b, m]``, ``y: [..., b, n]`` -> ``[..., m, n]``).
+
+    On the CPU the transposed ``x`` is made an array of its own first
+    (``lax.optimization_barrier``): XLA then runs a plain product, where it would otherwise
+    fold the transpose into the product and, for some of these shapes, fall back to a slower
+    kernel (benchmarks/README.md). Elsewhere this is ``mm(swapaxes(x), y)``.
+    """
+    xt = jnp.swapaxes(x, -1, -2)
+    if jax.default_backend() == "cpu":
+        xt = jax.lax.optimization_barrier(xt)
+    return mm(xt, y)
+
+
 def gelu_tanh(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
 
@@ -106,7 +120,7 @@ def weighted_grad_sums(acts, gs, weights: Float[Array, "*S b"]) -> InnerState:
     ``[..., f_in, f_out]`` and ``[..., 1, f_out]``, as ``(a^T * w) g`` and ``w g``.
     """
     row = weights[..., None, :]  # [..., 1, b]
-    return tuple((mm(jnp.swapaxes(a, -1, -2) * row, g), mm(row, g)) for a, g in zip(acts, gs))
+    return tuple((mm_tn(a * weights[..., None], g), mm(row, g)) for a, g in zip(acts, gs))
 
 
 def apply_update(state: InnerState, delta: InnerState, scale=None) -> InnerState:

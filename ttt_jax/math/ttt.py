@@ -149,10 +149,10 @@ def _dual_step_bwd(res, cts, keys=None):
     dtok = dtok.at[-1].add(jnp.sum(de * lr))
     dz = dzb
     for i in range(nl - 1, -1, -1):
-        dws[i] = dws[i] + mm(_swap(xbars[i]), dz)
+        dws[i] = dws[i] + inner.mm_tn(xbars[i], dz)
         dbs[i] = dbs[i] + jnp.sum(dz, axis=-2, keepdims=True)
         dm = -mm(dz, _swap(gs[i]))  # [B, H, b, b]
-        dgs[i] = dgs[i] - mm(_swap(ms[i]), dz)
+        dgs[i] = dgs[i] - inner.mm_tn(ms[i], dz)
         dxbar = mm(dz, _swap(ws[i]))
         # M_i = tril(tok lr^T) * (xbar_i a_i^T + 1)
         deta = jnp.tril(dm * (sims[i] + 1.0))
@@ -160,7 +160,7 @@ def _dual_step_bwd(res, cts, keys=None):
         dlr = dlr + jnp.sum(deta * tok[:, None], axis=-2)
         ds = dm * eta
         dxbar = dxbar + mm(ds, acts[i])
-        das[i] = das[i] + mm(_swap(ds), xbars[i])
+        das[i] = das[i] + inner.mm_tn(ds, xbars[i])
         if i == 0:
             dxq = dxbar
         else:
@@ -170,14 +170,14 @@ def _dual_step_bwd(res, cts, keys=None):
     for i in range(1, nl):
         dback = dgs[i - 1] * gps[i - 1]
         dgs[i] = dgs[i] + mm(dback, ws[i])
-        dws[i] = dws[i] + mm(_swap(dback), gs[i])
+        dws[i] = dws[i] + inner.mm_tn(dback, gs[i])
         _, gpp_vjp = jax.vjp(inner.gelu_tanh_grad, zs[i - 1])
         dzs[i - 1] = gpp_vjp(dgs[i - 1] * backs[i])[0]
     dzs[-1], dtarget, dlnw, dlnb = ln_vjp(dgs[-1])
     # The keys' forward, last layer first: Z_i = a_i W_i + bias_i, a_{i+1} = gelu(Z_i).
     dxk = -dtarget
     for i in range(nl - 1, -1, -1):
-        dws[i] = dws[i] + mm(_swap(acts[i]), dzs[i])
+        dws[i] = dws[i] + inner.mm_tn(acts[i], dzs[i])
         dbs[i] = dbs[i] + jnp.sum(dzs[i], axis=-2, keepdims=True)
         da = das[i] + mm(dzs[i], _swap(ws[i]))
         if i:
