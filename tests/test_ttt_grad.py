@@ -1,5 +1,6 @@
-"""RoPE's hand-written derivative (``ttt_jax/math/rope.py``, ``jax.custom_jvp``) against plain
-autodiff of the split/merge rotation it replaced, alone and through the whole layer."""
+"""Hand-written derivatives against plain autodiff of the forms they replace: RoPE's
+(``ttt_jax/math/rope.py``, ``jax.custom_jvp``; the split/merge rotation), alone and through the
+whole layer, and the LayerNorm that keeps only its input (``layernorm.layer_norm_lean``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from ttt_jax import SequenceMetadata, TTTConfig, TTTLayer
 from ttt_jax.math import rope
+from ttt_jax.math.layernorm import layer_norm, layer_norm_lean
 
 
 def _tables(bsz, length, f, bounded):
@@ -70,3 +72,21 @@ def test_layer_grad_matches_autodiff_rope(layer_type, monkeypatch):
     g_ref = grads()
     for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 6, 3, 8), (3, 8)), ((2, 3, 5, 8), (3, 1, 8)),
+                                             ((4, 8), (8,))])
+def test_lean_layer_norm_matches_autodiff(x_shape, w_shape):
+    """Values and the derivative in every argument, the weights broadcast as the layer uses
+    them (per head ``[H, f]``, per head inside a step ``[H, 1, f]``, over the model width)."""
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = 2.0 * jax.random.normal(ks[0], x_shape) + 0.5
+    w = 1.0 + 0.2 * jax.random.normal(ks[1], w_shape)
+    b = 0.2 * jax.random.normal(ks[2], w_shape)
+    ct = jax.random.normal(ks[3], x_shape)
+    y_new, vjp_new = jax.vjp(layer_norm_lean, x, w, b)
+    y_ref, vjp_ref = jax.vjp(layer_norm, x, w, b)
+    np.testing.assert_allclose(y_new, y_ref, rtol=1e-5, atol=1e-5)
+    for name, g_new, g_ref in zip(("x", "weight", "bias"), vjp_new(ct), vjp_ref(ct)):
+        assert g_new.shape == g_ref.shape, name
+        np.testing.assert_allclose(g_new, g_ref, rtol=1e-4, atol=1e-5, err_msg=name)

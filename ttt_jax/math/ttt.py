@@ -30,7 +30,7 @@ from jaxtyping import Array, Float
 
 from ttt_jax.math import inner
 from ttt_jax.math.inner import InnerState, mm
-from ttt_jax.math.layernorm import layer_norm, layer_norm_l2_grad
+from ttt_jax.math.layernorm import layer_norm, layer_norm_l2_grad, layer_norm_lean
 
 
 def token_weights(learnable_token_idx: Float[Array, "b"]) -> Float[Array, "b"]:
@@ -424,7 +424,7 @@ def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[A
         state, z_bar = _dual_chunks(state, xs, tok[:r], lnw, lnb, 0, hand_vjp, lanes)
         parts.append(z_bar.reshape(bsz, r, heads, f))
     z_bar = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    return xq + layer_norm(z_bar, ln_weight, ln_bias), state
+    return xq + layer_norm_lean(z_bar, ln_weight, ln_bias), state
 
 
 def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],

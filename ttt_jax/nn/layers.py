@@ -1,4 +1,4 @@
-"""Small Linen building blocks: RMSNorm, SwiGLU, causal depthwise conv, the pre-conv block.
+"""Small Linen building blocks: RMSNorm, LayerNorm, SwiGLU, causal depthwise conv, the pre-conv block.
 
 Parameter names follow the ttt-lm-pytorch modules so that export is a name-for-name mapping
 (``weight`` for norms, ``gate_proj/up_proj/down_proj`` for SwiGLU, ``kernel/bias`` for convs).
@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ttt_jax.math.layernorm import layer_norm_lean
 
 
 def symmetric_uniform(bound: float):
@@ -37,6 +39,29 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``scale * (x - mean) / sqrt(var + eps) + bias`` over the last axis, in float32.
+
+    The parameters (``scale``, ``bias``) and values of ``flax.linen.LayerNorm`` with
+    ``use_fast_variance=False``; its derivative keeps only the input (``layer_norm_lean``), not
+    the scale broadcast to the input's shape.
+
+    Attributes:
+      features: the normalised width.
+      epsilon: added to the variance.
+    """
+
+    features: int
+    epsilon: float = 1e-6
+
+    def setup(self):
+        self.scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+
+    def __call__(self, x):
+        return layer_norm_lean(x.astype(jnp.float32), self.scale, self.bias, self.epsilon)
 
 
 class SwiGLU(nn.Module):

@@ -21,7 +21,7 @@ from ttt_jax.math.rope import apply_bounded_rope
 from ttt_jax.math import inner
 from ttt_jax.math.ttt import ttt_dual_tokens
 from ttt_jax.math.ttt_stream import ttt_stream, ttt_token
-from ttt_jax.nn.layers import CausalDepthwiseConv, last_inputs
+from ttt_jax.nn.layers import CausalDepthwiseConv, LayerNorm, last_inputs
 from ttt_jax.types import SequenceMetadata
 
 # Smallest norm divided by in the Q/K L2 normalisation (torch.nn.functional.normalize's eps).
@@ -71,8 +71,7 @@ class TTTLayer(nn.Module):
         self.o_proj = dense("o_proj", nn.initializers.zeros if self.noop_init else normal)
         if cfg.use_gate:
             self.g_proj = dense("g_proj")
-        self.post_norm = nn.LayerNorm(epsilon=POST_NORM_EPS, use_fast_variance=False,
-                                      dtype=jnp.float32)
+        self.post_norm = LayerNorm(d, epsilon=POST_NORM_EPS)
         self.learnable_ttt_lr_weight = self.param("learnable_ttt_lr_weight", normal, (h, d))
         self.learnable_ttt_lr_bias = self.param("learnable_ttt_lr_bias", nn.initializers.zeros, (h,))
         self.learnable_token_idx = self.param("learnable_token_idx", nn.initializers.zeros, (b,))
