@@ -14,13 +14,21 @@ update, the same step function for both) of a small LM, 2 blocks, ``d = 512``, `
 ``b = 16``, vocab 32000, sequence 2048, tied embeddings, no pre-conv: the official
 ``CausalLM`` (``ttt/models/model.py``, ``seq_modeling_block: ttt_linear_base`` / ``ttt_mlp_base``,
 its default remat: none on blocks, inner groups of 4) against ``ttt_jax.models.TTTLM`` with its
-default remat (``scan_checkpoint_group: 0``) and the same params (mapped, logits checked).
+default remat (``scan_checkpoint_group``: 4) and the same params (mapped, logits checked).
 
 Timing: every function is compiled first; then the two implementations run alternately,
 ``--repeats`` times each (after ``--warmup`` untimed runs), and the medians are compared, so a
 busy machine slows both alike. ``ratio = ours tokens/s / official tokens/s`` (> 1: ours is
 faster). Memory: ``peak_bytes`` = argument + output + temp bytes from the compiled executable's
 ``memory_analysis()`` (what XLA plans to allocate; the same measure for both).
+
+Floor: every row also times, in the same alternation, the products that both implementations
+must run whatever their TTT inner loop costs: for a layer its four ``d x d`` projections (Q, K,
+V, O) on the same input, for the training step the same model with the TTT inner loop taken
+out (embeddings, norms, the four projections and the SwiGLU MLP of each block, the tied LM head,
+the loss and the optimizer update). ``ratio_bound = official time / floor time`` is the ratio
+ours would reach if its whole TTT-specific part (inner loop, RoPE, the inner LayerNorm, the
+learning-rate gate, the output norm) took no time at all.
 
 Output: JSON lines on stdout (and appended to ``--out``): a ``header``, one ``result`` per
 (type, mode, L) and per model step.
@@ -290,6 +298,10 @@ def _record(kind: str, tokens: int, times: dict, compiled: dict, compile_s: dict
     rec["ratio"] = med["official"] / med["ours"]
     if rec["ours_peak_bytes"] and rec["official_peak_bytes"]:
         rec["memory_ratio"] = rec["ours_peak_bytes"] / rec["official_peak_bytes"]
+    if "floor" in times:
+        rec["floor_median_s"] = med["floor"]
+        rec["floor_peak_bytes"] = peak_bytes(compiled["floor"])
+        rec["ratio_bound"] = med["official"] / med["floor"]
     rec["repeats"] = len(times["ours"])
     return rec
 
@@ -301,6 +313,13 @@ def _max_abs(a, b) -> float:
 
 
 # --- The layer ---------------------------------------------------------------------------------
+
+def floor_layer(p, x):
+    """The four projections of a layer, nothing else (each one feeds the output)."""
+    q, k, v = (x @ p[name] for name in ("q_proj", "k_proj", "v_proj"))
+    return (q + k + v) @ p["o_proj"]
+
+
 
 def bench_layer(official_mod, layer_type: str, length: int, args) -> None:
     cfg = our_ttt_config(args, layer_type, args.group)
@@ -325,11 +344,13 @@ def bench_layer(official_mod, layer_type: str, length: int, args) -> None:
         loss = lambda p, x: jnp.mean(jnp.square(fwd(p, x)))  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1))
 
+    p_floor = {k: p_ours[k]["kernel"] for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
     for mode in args.modes:
-        fns = {"ours": fwd_ours, "official": fwd_theirs}
+        fns = {"ours": fwd_ours, "official": fwd_theirs, "floor": floor_layer}
         if mode == "fwd_bwd":
             fns = {k: with_grad(f) for k, f in fns.items()}
-        call_args = {"ours": (p_ours, x), "official": (p_theirs, x)}
+        call_args = {"ours": (p_ours, x), "official": (p_theirs, x), "floor": (p_floor, x)}
         compiled, compile_s = {}, {}
         for name in fns:
             compiled[name], compile_s[name] = compile_fn(fns[name], call_args[name])
@@ -350,9 +371,28 @@ def bench_layer(official_mod, layer_type: str, length: int, args) -> None:
 
 # --- The model's training step ------------------------------------------------------------------
 
+def _rms(x, w, eps=1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * w
+
+
+def floor_lm(p: dict, tokens, num_layers: int):
+    """Our LM's logits with the TTT inner loop taken out: what any implementation must run."""
+    emb = p["embed_tokens"]["embedding"]
+    h = emb[tokens]
+    for i in range(num_layers):
+        blk = p[f"layers_{i}"]
+        proj = {k: v["kernel"] for k, v in blk["seq_modeling_block"].items()
+                if k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        h = h + floor_layer(proj, _rms(h, blk["seq_norm"]["weight"]))
+        m, mlp = _rms(h, blk["ffn_norm"]["weight"]), blk["mlp"]
+        gate, up = m @ mlp["gate_proj"]["kernel"], m @ mlp["up_proj"]["kernel"]
+        h = h + (jax.nn.silu(gate) * up) @ mlp["down_proj"]["kernel"]
+    return _rms(h, p["norm"]["weight"]) @ emb.T
+
+
 def bench_model(model_mod, layer_type: str, args) -> None:
     length, vocab, layers = args.model_len, args.vocab, args.model_layers
-    ttt = our_ttt_config(args, layer_type, 0)  # our default remat
+    ttt = our_ttt_config(args, layer_type, TTTConfig.scan_checkpoint_group)  # our default
     ours = TTTLM(ModelConfig(vocab_size=vocab, num_layers=layers,
                              intermediate_size=args.intermediate, ttt=ttt, pre_conv=False,
                              tie_word_embeddings=True))
@@ -376,6 +416,9 @@ def bench_model(model_mod, layer_type: str, args) -> None:
     def logits_theirs(p, t):
         return theirs.apply({"params": p}, t, return_dict=False)[0]
 
+    def logits_floor(p, t):
+        return floor_lm(p, t, layers)
+
     opt = optax.adamw(1e-3, weight_decay=0.1)
 
     def make_step(logits_fn):
@@ -393,9 +436,11 @@ def bench_model(model_mod, layer_type: str, args) -> None:
              "official": jax.jit(logits_theirs)(p_theirs, tokens[:, :length])}
     diff = _max_abs(check["ours"], check["official"])
     del check
-    fns = {"ours": make_step(logits_ours), "official": make_step(logits_theirs)}
+    fns = {"ours": make_step(logits_ours), "official": make_step(logits_theirs),
+           "floor": make_step(logits_floor)}
     call_args = {"ours": (p_ours, opt.init(p_ours), tokens),
-                 "official": (p_theirs, opt.init(p_theirs), tokens)}
+                 "official": (p_theirs, opt.init(p_theirs), tokens),
+                 "floor": (p_ours, opt.init(p_ours), tokens)}
     compiled, compile_s = {}, {}
     for name in fns:
         compiled[name], compile_s[name] = compile_fn(fns[name], call_args[name])
@@ -404,7 +449,7 @@ def bench_model(model_mod, layer_type: str, args) -> None:
     rec = _record("result", args.batch * length, times, compiled, compile_s,
                   what="train_step", ttt_layer_type=layer_type, mode="train_step", L=length,
                   B=args.batch, d=args.dim, H=args.heads, b=args.mini_batch, layers=layers,
-                  vocab=vocab, intermediate=args.intermediate, ours_group=0,
+                  vocab=vocab, intermediate=args.intermediate, ours_group=ttt.scan_checkpoint_group,
                   official_group=args.official_group, max_abs_diff=diff)
     emit(rec, args.out)
     if diff > args.atol:
