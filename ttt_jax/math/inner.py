@@ -61,8 +61,10 @@ def gelu_tanh_grad(x: Array) -> Array:
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
 
 
-def forward(state: InnerState, x: Float[Array, "*S f"]):
+def forward(state: InnerState, x: Float[Array, "*S f"], first=None):
     """Runs ``x`` through the layers.
+
+    ``first``: ``x @ W_0`` when already computed (without the bias).
 
     Returns:
       ``(acts, zs)``: ``acts[l]`` is the input of layer ``l`` and ``zs[l]`` its pre-activation;
@@ -70,7 +72,7 @@ def forward(state: InnerState, x: Float[Array, "*S f"]):
     """
     acts, zs = [x], []
     for i, (w, bias) in enumerate(state):
-        z = mm(acts[-1], w) + bias
+        z = (mm(acts[-1], w) if i or first is None else first) + bias
         zs.append(z)
         if i + 1 < len(state):
             acts.append(gelu_tanh(z))
@@ -99,15 +101,15 @@ def loss(state: InnerState, xk: Float[Array, "*S f"], xv: Float[Array, "*S f"],
 
 
 def loss_grads(state: InnerState, xk: Float[Array, "*S f"], xv: Float[Array, "*S f"],
-               ln_weight: Array, ln_bias: Array):
+               ln_weight: Array, ln_bias: Array, first=None):
     """Forward of the keys and the reconstruction-loss gradients at ``state``.
 
-    The loss is ``0.5 ||LN(f(xk; state)) - (xv - xk)||^2`` per token.
+    The loss is ``0.5 ||LN(f(xk; state)) - (xv - xk)||^2`` per token; ``first`` as ``forward``.
 
     Returns:
       ``(acts, zs, gs)``: as ``forward`` and ``grads``.
     """
-    acts, zs = forward(state, xk)
+    acts, zs = forward(state, xk, first)
     return acts, zs, grads(state, zs, xv - xk, ln_weight, ln_bias)
 
 
