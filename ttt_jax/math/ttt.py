@@ -217,15 +217,17 @@ def _groups(n: int, group: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def auto_lanes(heads: int) -> int:
+def auto_lanes(heads: int, head_dim: int) -> int:
     """How many independent lanes of heads the scan runs side by side (``scan_tokens``).
 
-    2 on the CPU when the heads split evenly, else 1. On the CPU each step's small batched
-    products cost more in thread hand-offs than they gain from splitting one product over
-    the cores; two independent chains of half the heads are scheduled on the cores side by
-    side instead (benchmarks/README.md). Accelerators run the whole batch in each kernel.
+    2 on the CPU when the heads split evenly and are at least 32 wide, else 1. On the CPU each
+    step's small batched products cost more in thread hand-offs than they gain from splitting
+    one product over the cores; two independent chains of half the heads are scheduled on the
+    cores side by side instead (benchmarks/README.md). Narrower heads are all overhead (twice
+    the ops, and a longer compile); accelerators run the whole batch in each kernel.
     """
-    return 2 if jax.default_backend() == "cpu" and heads % 2 == 0 else 1
+    cpu = jax.default_backend() == "cpu"
+    return 2 if cpu and heads % 2 == 0 and head_dim >= 32 else 1
 
 
 def _lane_slices(heads: int, lanes: int) -> list[slice]:
@@ -420,7 +422,7 @@ def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[A
     tok = token_weights(learnable_token_idx)
     lnw, lnb = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, f]
     state = initial_state if initial_state is not None else inner.init_state(params, bsz)
-    lanes = auto_lanes(heads) if lanes is None else lanes
+    lanes = auto_lanes(heads, f) if lanes is None else lanes
     n, r = divmod(length, b)
     parts = []
     if n:
@@ -458,7 +460,7 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
         False: by autodiff of ``dual_step`` under ``jax.checkpoint``. Same values either way,
         to float rounding.
       lanes: independent chains of heads inside each step of the hand-differentiated scan
-        (must divide ``H``); None: ``auto_lanes(H)``. The same values for any choice.
+        (must divide ``H``); None: ``auto_lanes(H, f)``. The same values for any choice.
 
     Returns:
       ``(out, state)``: ``out = xq + LN(z_bar)`` of shape ``[B, H, L, f]`` and the inner state
