@@ -40,21 +40,20 @@ class Mutation:
 
 
 CORRECTNESS = ("tests/test_ttt_correctness.py",)
-# The first layer's mask of the whole mini-batches, m1 = tril(eta * (xq xk^T + 1)), in the
-# spellings the dual form has had.
-DUAL_MASK = (r"re:m1 = jnp\.tril\(eta \* (\((?:mm|_mm_nt)\(xq, (?:_swap\(xk\)|xk)\) "
-             r"\+ 1\.0\))\)")
+# The per-token step weights eta = tril(tok lr^T) of the forward step's masks
+# M_i = eta * (xbar_i a_i^T + 1) (``dual_outputs``; the derivative has its own copy).
+DUAL_MASK = r"re:eta = jnp\.tril\((tok\[:, None\] \* lr\[\.\.\., None, :\])\)(  # \[B, H, b, b\]\n    xbar = xq)"
 
 MUTATIONS = [
     # --- the core -----------------------------------------------------------------------------
     Mutation("no_tril", "dual form: the mask of whole mini-batches without its tril",
              "ttt_jax/math/ttt.py",
-             ((DUAL_MASK, r"m1 = eta * \1"),),
+             ((DUAL_MASK, r"eta = \1\2"),),
              CORRECTNESS),
     Mutation("end_state_for_every_token",
              "dual form: every token reads the mini-batch's end state (tok[b-1], all j)",
              "ttt_jax/math/ttt.py",
-             ((DUAL_MASK, r"m1 = tok[-1] * lr[..., None, :] * \1"),),
+             ((DUAL_MASK, r"eta = tok[-1] * lr[..., None, :]\2"),),
              CORRECTNESS),
     Mutation("resume_skipped", "trainer: checkpoint.resume ignored (always starts afresh)",
              "ttt_jax/trainer.py",
