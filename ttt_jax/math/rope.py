@@ -95,6 +95,22 @@ def _rotate_merged(x, cos, sin, layout, head_axis=1):
     return merge(a * c - b * s, a * s + b * c).astype(x.dtype)
 
 
+def _spread(t, layout):
+    """``merge(t, t)`` as a broadcast and a reshape (no concatenation, so XLA fuses it into its
+    consumers instead of storing a full-width table): ``[..., f/2] -> [..., f]``."""
+    axis = -1 if layout == "interleaved" else -2
+    wide = jnp.broadcast_to(jnp.expand_dims(t, axis), t.shape + (2,) if axis == -1
+                            else t.shape[:-1] + (2, t.shape[-1]))
+    return wide.reshape(*t.shape[:-1], 2 * t.shape[-1])
+
+
+# layout -> signs of S = merge(-sin, sin) over the head dim, for f/2 pairs.
+_PAIR_SIGNS: dict[str, Callable] = {
+    "interleaved": lambda half: jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), half),
+    "half": lambda half: jnp.repeat(jnp.array([-1.0, 1.0], jnp.float32), half),
+}
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _rotate(x, cos, sin, layout, head_axis=1):
     # Elementwise as x * C + partner(x) * S, with C = (cos, cos) and S = (-sin, sin) merged into
@@ -102,9 +118,8 @@ def _rotate(x, cos, sin, layout, head_axis=1):
     # products and sums as (a cos - b sin, a sin + b cos) (up to the rounding of a fused
     # multiply-add), but no concatenation of [B, H, L, f] arrays, so XLA fuses the rotation
     # into its consumers instead of materialising it (less memory at the forward's peak).
-    _, merge = LAYOUTS[layout]
-    c = jnp.expand_dims(merge(cos, cos), head_axis)  # [B, 1, L, f]
-    s = jnp.expand_dims(merge(-sin, sin), head_axis)
+    c = jnp.expand_dims(_spread(cos, layout), head_axis)  # [B, 1, L, f]
+    s = jnp.expand_dims(_spread(sin, layout) * _PAIR_SIGNS[layout](cos.shape[-1]), head_axis)
     x32 = x.astype(jnp.float32)
     return (x32 * c + PARTNERS[layout](x32) * s).astype(x.dtype)
 
