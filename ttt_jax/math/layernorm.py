@@ -41,6 +41,11 @@ def layer_norm_l2_grad(z: Float[Array, "*S f"], target: Float[Array, "*S f"],
     inv_std = jnp.reciprocal(jnp.sqrt(var + eps))
     x_hat = (z - mu) * inv_std
     g = (weight * x_hat + bias - target) * weight
+    return _normalized_grad(g, x_hat, inv_std)
+
+
+def _normalized_grad(g, x_hat, inv_std):
+    """The LayerNorm backward: from the gradient ``g`` at ``x_hat`` to the gradient at ``z``."""
     return (g - jnp.mean(g, axis=-1, keepdims=True)
             - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)) * inv_std
 
@@ -60,9 +65,7 @@ def _layer_norm_bwd(eps, res, dy):
     x, weight = res
     mu, rstd = _ln_stats(x, eps)  # recomputed: the residual is the input alone
     x_hat = (x - mu) * rstd
-    g = dy * weight
-    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
-                 - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    dx = _normalized_grad(dy * weight, x_hat, rstd)
     return dx, _sum_to(dy * x_hat, weight.shape), _sum_to(dy, weight.shape)
 
 
@@ -92,4 +95,3 @@ def layer_norm_lean(x: Float[Array, "*S f"], weight: Float[Array, "*W f"],
     (``[f]`` or ``[H, 1, f]``-style shapes whose leading size-1 axes are summed over).
     """
     return _layer_norm_lean(x, weight, bias, eps)
-
