@@ -212,6 +212,8 @@ BAD_TTT = [
     ({"model_dim": 6, "num_heads": 2, "use_rope": True}, ["head_dim", "even", "use_rope"]),
     ({"num_heads": 3}, ["num_heads", "divisor of model_dim"]),
     ({"scan_checkpoint_group": -1}, ["scan_checkpoint_group", ">= 0"]),
+    ({"seq_chunk": -1}, ["seq_chunk", ">= 0"]),
+    ({"seq_chunk": 1.5}, ["seq_chunk", "integer"]),
     ({"rope_theta": 0.0}, ["rope_theta", "positive"]),
     ({"rope_theta": -10000.0}, ["rope_theta", "positive"]),
     ({"ttt_base_lr": 0.0}, ["ttt_base_lr", "positive"]),
@@ -229,6 +231,11 @@ def test_bad_ttt_config(kwargs, words):
     # The same value in YAML fails too, with the same message.
     with pytest.raises(ValueError, match=re.escape(words[0])):
         from_dict(RunConfig, base(**kwargs))
+
+
+@pytest.mark.parametrize("seq_chunk, span", [(0, 0), (2048, 2048), (100, 96), (5, 16)])
+def test_span_length_is_whole_mini_batches(seq_chunk, span):
+    assert TTTConfig(model_dim=16, num_heads=2, seq_chunk=seq_chunk).span_length == span
 
 
 def test_odd_head_dim_fine_without_rope():

@@ -160,21 +160,23 @@ def test_reference_gelu_derivative_matches_finite_differences():
 # A handful of combinations (one jit compilation each) covering every option with both inner
 # models, L a multiple of b (8) and not (2b + 3 = 11), both base learning rates of the presets
 # (1.0, TTT-Linear's; 0.1, TTT-MLP's) with each inner model, and plain RoPE
-# (rope_bounded: false, positions up to 35 > b).
+# (rope_bounded: false, positions up to 35 > b). With a small ``seq_chunk`` some go through the
+# layer in spans (whole spans only, and spans plus a shorter rest; with the Q/K convs carried
+# across spans, and RoPE positions read per span).
 LAYER_CASES = [
     dict(ttt_layer_type="linear", length=8, use_rope=True, rope_layout="interleaved",
-         qk_l2_norm=True, ttt_base_lr=1.0),
+         qk_l2_norm=True, ttt_base_lr=1.0, seq_chunk=4),
     dict(ttt_layer_type="linear", length=11, use_rope=True, rope_layout="half", share_qk=True,
          use_gate=True, ttt_base_lr=0.1),
     dict(ttt_layer_type="linear", length=11, share_qk=True, qk_l2_norm=True, use_gate=True,
-         scan_checkpoint_group=2, ttt_base_lr=1.0),
+         scan_checkpoint_group=2, ttt_base_lr=1.0, seq_chunk=4),
     dict(ttt_layer_type="mlp", length=11, share_qk=True, qk_l2_norm=True, ttt_base_lr=0.1),
     dict(ttt_layer_type="mlp", length=8, use_rope=True, rope_layout="half", share_qk=True,
-         use_gate=True, ttt_base_lr=1.0),
+         use_gate=True, ttt_base_lr=1.0, seq_chunk=4),
     dict(ttt_layer_type="linear", length=11, use_rope=True, rope_bounded=False,
          rope_layout="interleaved", ttt_base_lr=1.0),
     dict(ttt_layer_type="mlp", length=11, use_rope=True, rope_layout="interleaved",
-         qk_l2_norm=True, use_gate=True, scan_checkpoint_group=2, ttt_base_lr=0.1),
+         qk_l2_norm=True, use_gate=True, scan_checkpoint_group=2, ttt_base_lr=0.1, seq_chunk=4),
 ]
 
 
@@ -328,10 +330,10 @@ GRAD_LENGTH = 11  # 2b + 3: two whole mini-batches and a partial one
 GRAD_CASES = [
     dict(ttt_layer_type="linear"),
     dict(ttt_layer_type="linear", use_rope=True, rope_layout="interleaved", qk_l2_norm=True,
-         share_qk=True, use_gate=True, scan_checkpoint_group=2),
+         share_qk=True, use_gate=True, scan_checkpoint_group=2, seq_chunk=4),
     dict(ttt_layer_type="mlp", qk_l2_norm=True, use_gate=True),
     dict(ttt_layer_type="mlp", use_rope=True, rope_layout="half", share_qk=True,
-         scan_checkpoint_group=2),
+         scan_checkpoint_group=2, seq_chunk=8),
 ]
 # At these tiny shapes XLA's backend optimisations cost more compile time than they save.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -394,7 +396,8 @@ def test_layer_gradients_match_finite_differences_of_the_reference(case):
 
 
 LM_GRAD_CASES = [
-    dict(ttt=dict(ttt_layer_type="linear", use_rope=True, qk_l2_norm=True, use_gate=True),
+    dict(ttt=dict(ttt_layer_type="linear", use_rope=True, qk_l2_norm=True, use_gate=True,
+                  seq_chunk=4),
          pre_conv=True, tie_word_embeddings=False),
     dict(ttt=dict(ttt_layer_type="mlp")),
 ]

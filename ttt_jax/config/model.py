@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from ttt_jax.config.checks import _check_bools, _check_choice, _check_positive, _fail
+from ttt_jax.config.checks import _check_bools, _check_choice, _check_int, _check_positive, _fail
 
 TTTLayerType = Literal["linear", "mlp"]
 RopeLayout = Literal["interleaved", "half"]
@@ -41,6 +41,12 @@ class TTTConfig:
         mini-batch step is always recomputed rather than stored. The default 4 is what the
         reference implementations use: for TTT-MLP it takes a quarter of the memory of
         keeping every state and is no slower (benchmarks/README.md).
+      seq_chunk: a sequence longer than this many tokens goes through the layer in spans of
+        this length, one after the other, the inner state (and the Q/K conv's last inputs)
+        carried from span to span: the same outputs as the whole sequence at once, but the
+        projections' arrays stay the size of a span, so the time per token stays flat at long
+        lengths (benchmarks/README.md). Rounded down to a multiple of ``mini_batch_size``
+        (at least one mini-batch: ``span_length``); 0: the whole sequence at once.
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 
@@ -58,6 +64,7 @@ class TTTConfig:
     conv_kernel: int = 4
     use_gate: bool = False
     scan_checkpoint_group: int = 4
+    seq_chunk: int = 2048
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -80,10 +87,19 @@ class TTTConfig:
         g = self.scan_checkpoint_group
         if isinstance(g, bool) or not isinstance(g, int) or g < 0:
             _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0: keep every state)")
+        _check_int(s, "seq_chunk", self.seq_chunk, minimum=0)
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def span_length(self) -> int:
+        """``seq_chunk`` in whole mini-batches (at least one), or 0 when it is 0."""
+        if not self.seq_chunk:
+            return 0
+        b = self.mini_batch_size
+        return max(b, self.seq_chunk // b * b)
 
     @property
     def inner_widths(self) -> tuple[int, ...]:

@@ -154,15 +154,66 @@ class TTTLayer(nn.Module):
 
         Returns: ``[B, L, model_dim]`` in the compute dtype.
         """
-        xq, xk, xv, lr, _ = self._inputs(x, metadata, None)  # token-major [B, L, H, f]
-        # Kept only when the caller makes `intermediates` mutable (ttt_jax.diagnostics).
-        if self.is_mutable_collection("intermediates"):
+        chunk, length = self.config.span_length, x.shape[1]
+        # Kept only when the caller makes `intermediates` mutable (ttt_jax.diagnostics); the
+        # whole sequence then goes at once, as the sown inputs are the whole sequence's.
+        sow = self.is_mutable_collection("intermediates")
+        if chunk and length > chunk and not sow and not self.is_initializing():
+            return self._spans(x, metadata, chunk)
+        y, _, _ = self._span(x, metadata, None, None, sow=sow)
+        return y
+
+    def _span(self, x, metadata, state, qk_tail, sow=False):
+        """The layer on ``x`` continued from an inner ``state`` (fresh if None) and conv tail.
+
+        Returns ``(y, state', shared)``: ``shared`` is the shared Q/K projection (None
+        without ``share_qk``), whose last ``K-1`` rows are the next span's ``qk_tail``.
+        """
+        xq, xk, xv, lr, shared = self._inputs(x, metadata, qk_tail)  # token-major [B, L, H, f]
+        if sow:
             self.sow("intermediates", "ttt_inputs", _heads_first(xq, xk, xv, lr))
-        out, _ = ttt_dual_tokens(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
-                                 self.ttt_norm_weight, self.ttt_norm_bias,
-                                 checkpoint_group=self.config.scan_checkpoint_group)
+        out, state = ttt_dual_tokens(self.inner_params, xq, xk, xv, lr, self.learnable_token_idx,
+                                     self.ttt_norm_weight, self.ttt_norm_bias,
+                                     checkpoint_group=self.config.scan_checkpoint_group,
+                                     initial_state=state)
         # Heads first for `output`'s contract; XLA cancels the two transposes.
-        return self.output(jnp.swapaxes(out, 1, 2), x)
+        return self.output(jnp.swapaxes(out, 1, 2), x), state, shared
+
+    def _spans(self, x, metadata, chunk: int):
+        """``__call__`` as a scan over spans of ``chunk`` tokens (``TTTConfig.span_length``).
+
+        Each span starts from the inner state the previous one ended in, and its Q/K convs
+        read the previous span's last ``K-1`` shared projections: the outputs are those of the
+        whole sequence at once. A final span shorter than ``chunk`` runs after the scan.
+        """
+        cfg = self.config
+        bsz, length, d = x.shape
+        n, rest = divmod(length, chunk)
+        meta = metadata if metadata is not None else SequenceMetadata()
+        pos = meta.positions(bsz, length)
+        keep = cfg.conv_kernel - 1
+
+        def carry_on(mdl, xc, pc, state, tail):
+            y, state, shared = mdl._span(xc, SequenceMetadata(position_ids=pc), state, tail)
+            if shared is not None:
+                tail = shared[:, shared.shape[1] - keep:]
+            return y, state, tail
+
+        def step(mdl, carry, xs):
+            y, state, tail = carry_on(mdl, *xs, *carry)
+            return (state, tail), y
+
+        state = inner.init_state(self.inner_params, bsz)
+        tail = jnp.zeros((bsz, keep, d), self.dtype) if cfg.share_qk else None
+        spans = lambda v: v[:, :n * chunk].reshape(bsz, n, chunk, *v.shape[2:])
+        scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
+                       in_axes=1, out_axes=1)
+        (state, tail), ys = scan(self, (state, tail), (spans(x), spans(pos)))
+        y = ys.reshape(bsz, n * chunk, ys.shape[-1])
+        if rest:
+            y_rest, _, _ = carry_on(self, x[:, n * chunk:], pos[:, n * chunk:], state, tail)
+            y = jnp.concatenate([y, y_rest], axis=1)
+        return y
 
     # --- Streaming ---------------------------------------------------------------------------
 
