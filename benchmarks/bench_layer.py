@@ -28,6 +28,7 @@ Usage (from the repository root)::
   python benchmarks/bench_layer.py --quick             # tiny smoke run (~1 min, mostly compiling)
   python benchmarks/bench_layer.py --types linear --lengths 2048 --out /tmp/bench.jsonl
   python benchmarks/bench_layer.py --impls dual --lengths 512 2048 8192 32768  # scaling
+  python benchmarks/bench_layer.py --interleave --lengths 512 2048 8192 32768   # same, in turn
 """
 
 from __future__ import annotations
@@ -168,19 +169,54 @@ def run_one(impl: str, cfg: TTTConfig, variables: Any, x: jax.Array, mode: str,
     layer = LAYERS[impl](cfg)
     compile_s, times, out = time_fn(make_fn(layer, mode), (variables, x), args.repeats,
                                     args.warmup)
-    bsz, length = x.shape[:2]
+    return result(impl, cfg, x.shape, mode, compile_s, times, time_fn.last_peak_bytes), out
+
+
+def result(impl: str, cfg: TTTConfig, shape: tuple, mode: str, compile_s: float, times: list,
+           peak: Optional[int], **extra) -> dict:
+    """The ``result`` line of one (impl, type, mode, L) from its timings."""
+    bsz, length = shape[:2]
     med = statistics.median(times)
-    record = {
+    return {
         "bench": BENCH, "kind": "result", "impl": impl, "ttt_layer_type": cfg.ttt_layer_type,
         "mode": mode, "B": bsz, "L": length, "d": cfg.model_dim, "H": cfg.num_heads,
         "b": cfg.mini_batch_size, "tokens_per_s": bsz * length / med,
         "us_per_token": 1e6 * med / (bsz * length), "compile_s": compile_s, "median_s": med,
         "min_s": min(times), "max_s": max(times), "repeats": len(times),
-        "peak_bytes": time_fn.last_peak_bytes,
+        "peak_bytes": peak,
         # Other processes on the machine skew CPU timings: keep the load next to the numbers.
-        "loadavg_1m": _loadavg(),
+        "loadavg_1m": _loadavg(), **extra,
     }
-    return record, out
+
+
+def bench_interleaved(layer_type: str, args: argparse.Namespace, dual_records: list) -> None:
+    """The dual form at every ``--lengths``, the lengths timed in turn (``--interleave``).
+
+    For each mode every length is compiled and warmed up first; then each of the
+    ``--repeats`` rounds runs every length once. A drift of the machine's speed during the
+    run (other processes, clock changes) then reaches every length alike, so the per-token
+    ratios between lengths are steadier than when each length is timed in a block of its own.
+    """
+    cfg = _config(layer_type, args)
+    for mode in args.modes:
+        runs = []
+        for length in args.lengths:
+            variables, x = _inputs(cfg, length, args)
+            t0 = time.perf_counter()
+            compiled = jax.jit(make_fn(TTTLayer(cfg), mode)).lower(variables, x).compile()
+            compile_s = time.perf_counter() - t0
+            for _ in range(args.warmup):
+                jax.block_until_ready(compiled(variables, x))
+            runs.append((compiled, (variables, x), compile_s, peak_bytes(compiled), []))
+        for _ in range(args.repeats):
+            for compiled, inputs, _, _, times in runs:
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(*inputs))
+                times.append(time.perf_counter() - t0)
+        for compiled, (_, x), compile_s, peak, times in runs:
+            record = result("dual", cfg, x.shape, mode, compile_s, times, peak, interleaved=True)
+            emit(record, args.out)
+            dual_records.append(record)
 
 
 def _loadavg() -> Optional[float]:
@@ -195,18 +231,27 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return float(max(jax.tree.leaves(diffs)))
 
 
+def _config(layer_type: str, args: argparse.Namespace) -> TTTConfig:
+    return TTTConfig(model_dim=args.dim, num_heads=args.heads, mini_batch_size=args.mini_batch,
+                     ttt_layer_type=layer_type)
+
+
+def _inputs(cfg: TTTConfig, length: int, args: argparse.Namespace):
+    """``(variables, x)`` of one length; params do not depend on L, so they are initialised
+    on a short slice (the same for every impl)."""
+    key_init, key_x = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), length))
+    x = jax.random.normal(key_x, (args.batch, length, cfg.model_dim), jnp.float32)
+    return jax.jit(TTTLayer(cfg).init)(key_init, x[:, : args.mini_batch]), x
+
+
 def bench_shape(layer_type: str, length: int, args: argparse.Namespace,
                 dual_records: Optional[list] = None) -> None:
     """All impls and modes of one (type, L); emits result and summary lines.
 
     The dual form's result records are appended to ``dual_records`` (for ``scaling``).
     """
-    cfg = TTTConfig(model_dim=args.dim, num_heads=args.heads, mini_batch_size=args.mini_batch,
-                    ttt_layer_type=layer_type)
-    key_init, key_x = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), length))
-    x = jax.random.normal(key_x, (args.batch, length, args.dim), jnp.float32)
-    # Params do not depend on L: initialise on a short slice, share them between impls.
-    variables = jax.jit(TTTLayer(cfg).init)(key_init, x[:, : args.mini_batch])
+    cfg = _config(layer_type, args)
+    variables, x = _inputs(cfg, length, args)
     for mode in args.modes:
         records, outs = {}, {}
         for impl in args.impls:
@@ -249,6 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed runs after compiling (default 1)")
     p.add_argument("--baseline-max-len", type=int,
                    help="run the primal baseline only for L <= this (default 2048)")
+    p.add_argument("--interleave", action="store_true",
+                   help="dual form only: time the lengths in turn, round by round (steadier "
+                        "per-token ratios between lengths; no summary lines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
@@ -270,7 +318,8 @@ def scaling(records: list, layer_type: str, mode: str, ref_len: int) -> Optional
     ``per_token_ratio[L] = us_per_token(L) / us_per_token(ref_len)`` (1 = flat: linear cost);
     ``bytes_per_token`` is the least-squares slope of ``peak_bytes`` against ``L`` (per batch
     row and token: divided by ``B``) and ``memory_fit_max_rel_err`` how far the points are
-    from that line.
+    from that line; the ``_from_ref`` pair is the same fit over ``L >= ref_len`` only (the
+    lengths that run in spans of ``TTTConfig.seq_chunk``, 2048 by default).
     """
     recs = sorted((r for r in records if r["ttt_layer_type"] == layer_type and r["mode"] == mode),
                   key=lambda r: r["L"])
@@ -284,18 +333,28 @@ def scaling(records: list, layer_type: str, mode: str, ref_len: int) -> Optional
                                if ref else None)}
     pts = [(r["L"], r["peak_bytes"]) for r in recs if r.get("peak_bytes")]
     if len(pts) >= 2:
-        n = len(pts)
-        mx = sum(p[0] for p in pts) / n
-        my = sum(p[1] for p in pts) / n
-        slope = (sum((p[0] - mx) * (p[1] - my) for p in pts)
-                 / sum((p[0] - mx) ** 2 for p in pts))
-        icpt = my - slope * mx
         out["peak_bytes"] = {str(length): b for length, b in pts}
+        slope, icpt, err = _line(pts)
         out["bytes_per_token"] = slope / recs[0]["B"]
         out["intercept_bytes"] = icpt
-        out["memory_fit_max_rel_err"] = max(abs(b - (icpt + slope * length)) / b
-                                            for length, b in pts)
+        out["memory_fit_max_rel_err"] = err
+    # From ref_len up (the layer's span length by default) every length runs in spans.
+    long = [p for p in pts if p[0] >= ref_len]
+    if len(long) >= 2:
+        slope, _, err = _line(long)
+        out["bytes_per_token_from_ref"] = slope / recs[0]["B"]
+        out["memory_fit_from_ref_max_rel_err"] = err
     return out
+
+
+def _line(pts: list) -> tuple[float, float, float]:
+    """Least-squares ``(slope, intercept, largest relative miss)`` of ``(L, bytes)`` points."""
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
+    icpt = my - slope * mx
+    return slope, icpt, max(abs(b - (icpt + slope * length)) / b for length, b in pts)
 
 
 def main(argv=None) -> None:
@@ -303,6 +362,9 @@ def main(argv=None) -> None:
     emit(header(args), args.out)
     dual_records: list = []
     for layer_type in args.types:
+        if args.interleave:
+            bench_interleaved(layer_type, args, dual_records)
+            continue
         for length in args.lengths:
             bench_shape(layer_type, length, args, dual_records)
     for layer_type in args.types:
