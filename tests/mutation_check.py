@@ -47,12 +47,12 @@ DUAL_MASK = r"re:eta = jnp\.tril\((tok\[:, None\] \* lr\[\.\.\., None, :\])\)(  
 MUTATIONS = [
     # --- the core -----------------------------------------------------------------------------
     Mutation("no_tril", "dual form: the mask of whole mini-batches without its tril",
-             "ttt_jax/math/ttt.py",
+             "ttt_jax/math/ttt_step.py",
              ((DUAL_MASK, r"eta = \1\2"),),
              CORRECTNESS),
     Mutation("end_state_for_every_token",
              "dual form: every token reads the mini-batch's end state (tok[b-1], all j)",
-             "ttt_jax/math/ttt.py",
+             "ttt_jax/math/ttt_step.py",
              ((DUAL_MASK, r"eta = tok[-1] * lr[..., None, :]\2"),),
              CORRECTNESS),
     Mutation("resume_skipped", "trainer: checkpoint.resume ignored (always starts afresh)",

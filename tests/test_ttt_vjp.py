@@ -1,4 +1,4 @@
-"""The dual form's hand-written derivative (``ttt_jax/math/ttt.py``: ``scan_tokens``,
+"""The dual form's hand-written derivative (``ttt_jax/math/ttt_scan.py``: ``scan_tokens``,
 ``_dual_step_bwd``, docs/architecture.md §1.6) against autodiff of the plain dual form, and
 against finite differences of the float64 numpy primal form (``tests/reference.py``, §1.7).
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from ttt_jax.math import inner
 from ttt_jax.math.inner import InnerState
 from ttt_jax.math.layernorm import layer_norm
-from ttt_jax.math.ttt import dual_outputs, primal_token_step, token_weights
+from ttt_jax.math.ttt import primal_token_step, token_weights
+from ttt_jax.math.ttt_step import dual_outputs
 
 
 def _dual_step_acc(state0, acc, xq, xk, xv, lr, tok, ln_weight, ln_bias):

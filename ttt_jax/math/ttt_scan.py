@@ -1,0 +1,182 @@
+"""The dual form scanned over whole mini-batches, token-major, differentiated by hand.
+
+``scan_tokens`` runs ``dual_step`` (``ttt_step.py``) over the ``n`` whole mini-batches of
+token-major inputs ``[B, n, b, H, f]``: each step reads its mini-batch with a dynamic slice and
+writes its outputs in place. Its derivative keeps the carried state every ``group``
+mini-batches and runs ``_dual_step_bwd`` backwards. ``lanes`` split the heads into independent
+chains inside each step (``auto_lanes``). ``ttt.py``'s ``ttt_dual_tokens`` is the entry point
+(docs/architecture.md §1.6).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.math import inner
+from ttt_jax.math.ttt_step import _dual_step_bwd, _keys, dual_step
+
+
+def _chunk(x, i):
+    """Mini-batch ``i`` of a token-major ``[B, n, b, H, ...]`` array, as ``[B, H, b, ...]``."""
+    return jnp.swapaxes(jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False), 1, 2)
+
+
+def _put(buf, y, i):
+    """Writes ``y: [B, H, b, ...]`` as mini-batch ``i`` of ``buf: [B, n, b, H, ...]`` (in place)."""
+    return jax.lax.dynamic_update_index_in_dim(buf, jnp.swapaxes(y, 1, 2), i, axis=1)
+
+
+def _groups(n: int, group: int) -> list[tuple[int, int, int]]:
+    """``(first, count, size)``: ``count`` groups of ``size`` mini-batches from ``first``."""
+    head = n - n % group
+    out = [(0, head // group, group)] if head else []
+    if n % group:
+        out.append((head, 1, n % group))
+    return out
+
+
+def auto_lanes(heads: int, head_dim: int) -> int:
+    """How many independent lanes of heads the scan runs side by side (``scan_tokens``).
+
+    2 on the CPU when the heads split evenly and are at least 32 wide, else 1. On the CPU each
+    step's small batched products cost more in thread hand-offs than they gain from splitting
+    one product over the cores; two independent chains of half the heads are scheduled on the
+    cores side by side instead (benchmarks/README.md). Narrower heads are all overhead (twice
+    the ops, and a longer compile); accelerators run the whole batch in each kernel.
+    """
+    cpu = jax.default_backend() == "cpu"
+    return 2 if cpu and heads % 2 == 0 and head_dim >= 32 else 1
+
+
+def _lane_slices(heads: int, lanes: int) -> list[slice]:
+    if lanes < 1 or heads % lanes:
+        raise ValueError(f"lanes: {lanes} must be >= 1 and divide the number of heads ({heads})")
+    size = heads // lanes
+    return [slice(k * size, (k + 1) * size) for k in range(lanes)]
+
+
+def _split(tree, lanes):
+    """``[B, H, ...]`` leaves (``[H, ...]`` with ``axis=0``) as one tree per lane of heads."""
+    return tuple(jax.tree.map(lambda a, sl=sl: a[:, sl], tree) for sl in lanes)
+
+
+def _merge(trees, axis=1):
+    """The inverse of ``_split``: lanes concatenated along the heads axis."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=axis) if len(a) > 1 else a[0],
+                        *trees)
+
+
+def _frame(xs, i, sl):
+    """Mini-batch ``i`` of every input, heads ``sl`` only: ``[B, h, b, ...]``."""
+    return tuple(_chunk(x, i)[:, sl] for x in xs)
+
+
+def _forward_step(lanes, tok, ln_weight, ln_bias, xs):
+    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place."""
+    def step(carry, i):
+        states, z_bar = carry
+        new, zs = [], []
+        for sl, state in zip(lanes, states):
+            state, z = dual_step(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
+            new.append(state)
+            zs.append(z)
+        return (tuple(new), _put(z_bar, _merge(zs), i)), None
+
+    return step
+
+
+def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
+    """``n`` mini-batches in the dual form, read from and written to the token-major layout."""
+    del group  # used by the derivative only
+    lanes = _lane_slices(xs[0].shape[3], lanes)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
+    z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
+    (states, z_bar), _ = jax.lax.scan(step, (_split(state, lanes), z_bar),
+                                      jnp.arange(xs[0].shape[1]))
+    return _merge(states), z_bar
+
+
+def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group, lanes):
+    """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
+    lanes = _lane_slices(xs[0].shape[3], lanes)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
+    carry = (_split(state, lanes), jnp.zeros(xs[0].shape, xs[0].dtype))
+    starts = []
+    for first, count, size in _groups(xs[0].shape[1], group):
+        def run_group(carry, k, first=first, size=size):
+            end, _ = jax.lax.scan(step, carry, first + k * size + jnp.arange(size))
+            return end, carry[0]
+
+        carry, group_starts = jax.lax.scan(run_group, carry, jnp.arange(count))
+        starts.append(group_starts)
+    states, z_bar = carry
+    return (_merge(states), z_bar), (starts, xs, tok, ln_weight, ln_bias)
+
+
+def _scan_tokens_bwd(group, lanes, res, cts):
+    """Groups last first: recompute the group's start states and inner gradients from the kept
+    state, then run ``_dual_step_bwd`` from the group's last mini-batch to its first."""
+    starts, xs, tok, ln_weight, ln_bias = res
+    d_state, d_zbar = cts
+    lanes = _lane_slices(xs[0].shape[3], lanes)
+
+    def step_back(carry, inp):
+        d_states, d_consts, d_xs = carry
+        i, states, keys = inp
+        new, frames, consts = [], [], []
+        for sl, state, d_st, key in zip(lanes, states, d_states, keys):
+            d_st, *d_frame, dt, dw, db = _dual_step_bwd(
+                (state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl]),
+                (d_st, _chunk(d_zbar, i)[:, sl]), key)
+            new.append(d_st)
+            frames.append(tuple(d_frame))
+            consts.append((dt, dw, db))
+        dt = sum(c[0] for c in consts)
+        dw, db = (_merge([c[k] for c in consts], axis=0) for k in (1, 2))
+        d_consts = tuple(c + d for c, d in zip(d_consts, (dt, dw, db)))
+        d_xs = tuple(_put(buf, _merge(d), i) for buf, d in zip(d_xs, zip(*frames)))
+        return (tuple(new), d_consts, d_xs), None
+
+    def advance(states, i):  # a mini-batch's start state and its inner gradients, every lane
+        new, keys = [], []
+        for sl, state in zip(lanes, states):
+            _, xk, xv, lr = _frame(xs, i, sl)
+            key = _keys(state, xk, xv, ln_weight[sl], ln_bias[sl])
+            acts, _, gs, _ = key
+            new.append(inner.step(state, acts, gs, tok[-1] * lr))
+            keys.append(key)
+        return tuple(new), (states, tuple(keys))
+
+    d_consts = (jnp.zeros_like(tok), jnp.zeros_like(ln_weight), jnp.zeros_like(ln_bias))
+    carry = (_split(d_state, lanes), d_consts, tuple(jnp.zeros_like(x) for x in xs))
+    for (first, _, size), group_starts in reversed(list(zip(_groups(xs[0].shape[1], group),
+                                                            starts))):
+        def group_back(carry, inp, first=first, size=size):
+            k, start = inp
+            idx = first + k * size + jnp.arange(size)
+            _, (states, keys) = jax.lax.scan(advance, start, idx)
+            carry, _ = jax.lax.scan(step_back, carry, (idx, states, keys), reverse=True)
+            return carry, None
+
+        count = jax.tree.leaves(group_starts)[0].shape[0]
+        carry, _ = jax.lax.scan(group_back, carry, (jnp.arange(count), group_starts),
+                                reverse=True)
+    d_states, d_consts, d_xs = carry
+    return (_merge(d_states), d_xs, *d_consts)
+
+
+scan_tokens = jax.custom_vjp(_scan_tokens_plain, nondiff_argnums=(5, 6))
+scan_tokens.defvjp(_scan_tokens_fwd, _scan_tokens_bwd)
+scan_tokens.__doc__ = """``n`` mini-batches in the dual form, token-major, differentiated by hand.
+
+``scan_tokens(state, xs, tok, ln_weight, ln_bias, group, lanes) -> (state, z_bar)`` with
+``xs = (xq, xk, xv, lr)`` laid out ``[B, n, b, H, f]`` (``lr: [B, n, b, H]``: the projections'
+own layout, a reshape of ``[B, L, H, f]``) and ``z_bar: [B, n, b, H, f]``. Each step reads its
+mini-batch with a dynamic slice and writes its outputs in place, so no input or output is
+ever transposed as a whole. The backward pass keeps the start state of every ``group``-th
+mini-batch (the last group may be shorter), recomputes the others, and runs
+``_dual_step_bwd`` from the last mini-batch to the first, writing the inputs' cotangents in
+place the same way. ``lanes`` splits the heads into that many independent chains inside each
+step (heads never interact, so the values are the same; see ``auto_lanes``).
+"""
