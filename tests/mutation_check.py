@@ -68,6 +68,11 @@ MUTATIONS = [
                "bounded=cfg.rope_bounded)\n"
                "            xq, xk = apply_bounded_rope(xq, xk, pos,"),),
              CORRECTNESS),
+    Mutation("span_starts_fresh", "layer: each span of a long sequence starts from the params",
+             "ttt_jax/nn/ttt_layer.py",
+             (("mdl._span(xc, SequenceMetadata(position_ids=pc), state, tail)",
+               "mdl._span(xc, SequenceMetadata(position_ids=pc), None, tail)"),),
+             CORRECTNESS),
     Mutation("rope_position_off_by_one", "bounded RoPE reads (p + 1) % b",
              "ttt_jax/math/rope.py",
              (("return jnp.mod(position_ids, mini_batch_size)",
