@@ -233,9 +233,12 @@ def test_bad_ttt_config(kwargs, words):
         from_dict(RunConfig, base(**kwargs))
 
 
-@pytest.mark.parametrize("seq_chunk, span", [(0, 0), (2048, 2048), (100, 96), (5, 16)])
-def test_span_length_is_whole_mini_batches(seq_chunk, span):
-    assert TTTConfig(model_dim=16, num_heads=2, seq_chunk=seq_chunk).span_length == span
+@pytest.mark.parametrize("seq_chunk, kind, span", [
+    (0, "linear", 0), (2048, "mlp", 2048), (100, "linear", 96), (5, "mlp", 16),
+    (None, "linear", 2048), (None, "mlp", 0)])
+def test_span_length_is_whole_mini_batches(seq_chunk, kind, span):
+    cfg = TTTConfig(model_dim=16, num_heads=2, ttt_layer_type=kind, seq_chunk=seq_chunk)
+    assert cfg.span_length == span
 
 
 def test_odd_head_dim_fine_without_rope():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 from ttt_jax.config.checks import _check_bools, _check_choice, _check_int, _check_positive, _fail
 
@@ -14,6 +14,8 @@ SeqModeling = Literal["ttt", "swa"]
 
 # The width of TTT-MLP's hidden layer, in multiples of the head dim (docs/architecture.md §1.5).
 MLP_EXPANSION = 4
+# TTT-Linear's span length when ``seq_chunk`` is not set (docs/architecture.md §1.9).
+DEFAULT_SPAN = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,10 @@ class TTTConfig:
         this length, one after the other, the inner state (and the Q/K conv's last inputs)
         carried from span to span: the same outputs as the whole sequence at once, but the
         projections' arrays stay the size of a span, so the time per token stays flat at long
-        lengths (benchmarks/README.md). Rounded down to a multiple of ``mini_batch_size``
-        (at least one mini-batch: ``span_length``); 0: the whole sequence at once.
+        lengths and the memory is lower (benchmarks/README.md). Rounded down to a multiple of
+        ``mini_batch_size`` (at least one mini-batch: ``span_length``); 0: the whole sequence
+        at once; None (the default): ``DEFAULT_SPAN`` for TTT-Linear, 0 for TTT-MLP, whose
+        inner loop is most of its time and ran slower in spans at L=8192 on the CPU.
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 
@@ -64,7 +68,7 @@ class TTTConfig:
     conv_kernel: int = 4
     use_gate: bool = False
     scan_checkpoint_group: int = 4
-    seq_chunk: int = 2048
+    seq_chunk: Optional[int] = None
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -87,7 +91,8 @@ class TTTConfig:
         g = self.scan_checkpoint_group
         if isinstance(g, bool) or not isinstance(g, int) or g < 0:
             _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0: keep every state)")
-        _check_int(s, "seq_chunk", self.seq_chunk, minimum=0)
+        if self.seq_chunk is not None:
+            _check_int(s, "seq_chunk", self.seq_chunk, minimum=0)
 
     @property
     def head_dim(self) -> int:
@@ -95,11 +100,14 @@ class TTTConfig:
 
     @property
     def span_length(self) -> int:
-        """``seq_chunk`` in whole mini-batches (at least one), or 0 when it is 0."""
-        if not self.seq_chunk:
+        """``seq_chunk`` (or its default) in whole mini-batches (at least one); 0: no spans."""
+        chunk = self.seq_chunk
+        if chunk is None:
+            chunk = DEFAULT_SPAN if self.ttt_layer_type == "linear" else 0
+        if not chunk:
             return 0
         b = self.mini_batch_size
-        return max(b, self.seq_chunk // b * b)
+        return max(b, chunk // b * b)
 
     @property
     def inner_widths(self) -> tuple[int, ...]:
