@@ -199,17 +199,21 @@ class TTTLayer(nn.Module):
                 tail = shared[:, shared.shape[1] - keep:]
             return y, state, tail
 
-        def step(mdl, carry, xs):
-            y, state, tail = carry_on(mdl, *xs, *carry)
-            return (state, tail), y
+        def step(mdl, carry, i, x, pos):
+            state, tail, out = carry
+            span = lambda v: jax.lax.dynamic_slice_in_dim(v, i * chunk, chunk, axis=1)
+            y, state, tail = carry_on(mdl, span(x), span(pos), state, tail)
+            out = jax.lax.dynamic_update_slice_in_dim(out, y, i * chunk, axis=1)
+            return (state, tail, out), None
 
         state = inner.init_state(self.inner_params, bsz)
         tail = jnp.zeros((bsz, keep, d), self.dtype) if cfg.share_qk else None
-        spans = lambda v: v[:, :n * chunk].reshape(bsz, n, chunk, *v.shape[2:])
+        out = jnp.zeros((bsz, n * chunk, d), self.dtype)
+        # Each span reads its slice of x and writes its slice of the output in place: stacking
+        # the spans along a new axis instead would transpose the whole input and output.
         scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
-                       in_axes=1, out_axes=1)
-        (state, tail), ys = scan(self, (state, tail), (spans(x), spans(pos)))
-        y = ys.reshape(bsz, n * chunk, ys.shape[-1])
+                       in_axes=(0, nn.broadcast, nn.broadcast))
+        (state, tail, y), _ = scan(self, (state, tail, out), jnp.arange(n), x, pos)
         if rest:
             y_rest, _, _ = carry_on(self, x[:, n * chunk:], pos[:, n * chunk:], state, tail)
             y = jnp.concatenate([y, y_rest], axis=1)
