@@ -50,7 +50,8 @@ class TTTConfig:
         lengths and the memory is lower (benchmarks/README.md). Rounded down to a multiple of
         ``mini_batch_size`` (at least one mini-batch: ``span_length``); 0: the whole sequence
         at once; None (the default): ``DEFAULT_SPAN`` for TTT-Linear, 0 for TTT-MLP, whose
-        inner loop is most of its time and ran slower in spans at L=8192 on the CPU.
+        inner loop is most of its time (spans gain it little; its fwd+bwd measured slightly
+        slower in spans at L=8192 on the CPU).
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 
