@@ -23,7 +23,7 @@ try:  # tests/ is on sys.path under pytest's default import mode
 except ImportError:  # tests/ imported as a package
     from tests import reference as ref
 from ttt_jax.math import rope
-from ttt_jax.math.ttt import ttt_dual
+from ttt_jax.math.ttt import auto_group, ttt_dual
 
 B, H, F, MB = 2, 2, 8, 4
 # jit at tiny shapes: XLA's backend optimisations cost more compile time than they save.
@@ -137,3 +137,39 @@ def test_hand_vjp_matches_finite_differences_of_the_reference(layer_type, use_ro
         ad = float(np.sum(np.asarray(g, np.float64) * u))
         assert abs(fd) > 1e-6, f"leaf {i}: the loss does not depend on it"
         assert abs(ad - fd) <= 1e-4 * abs(fd), f"leaf {i}: grad {ad:.8e} vs FD {fd:.8e}"
+
+
+def test_auto_group_balances_kept_states_and_residuals():
+    """``auto_group`` = round(sqrt(n S / K)) within [1, n]: S the carried state's floats, K a
+    mini-batch's recomputed residuals (keys, activations, inner gradients), counted by hand."""
+    f, b, bsz, heads = 64, 16, 2, 8
+
+    def expect(n, state_floats, key_floats):
+        return max(1, min(n, round(float(np.sqrt(n * state_floats / key_floats)))))
+
+    linear_state, linear_keys = f * f + f, 3 * b * f  # W, bias; xk, Z, G
+    # W1, b1, W2, b2; xk, gelu(Z1), Z1, Z2, G1, G2 and G2 W2^T
+    mlp_state, mlp_keys = 2 * 4 * f * f + 4 * f + f, b * (f + 4 * f + 4 * f + f + 4 * f + f + 4 * f)
+    assert expect(128, linear_state, linear_keys) == 13
+    assert expect(128, mlp_state, mlp_keys) == 15
+    for widths, s, k in (((f, f), linear_state, linear_keys), ((f, 4 * f, f), mlp_state, mlp_keys)):
+        state = tuple((jnp.zeros((bsz, heads, widths[i], widths[i + 1])),
+                       jnp.zeros((bsz, heads, 1, widths[i + 1]))) for i in range(len(widths) - 1))
+        ln = jnp.zeros((heads, 1, f))
+        for n in (1, 2, 33, 128, 512, 2048):
+            assert auto_group(state, (bsz, heads, b, f), ln, ln, n) == expect(n, s, k), n
+
+
+def test_auto_group_gives_the_same_gradients():
+    """``checkpoint_group=None`` (here ``auto_group`` = 2 of n = 4) against autodiff, TTT-MLP."""
+    length = 4 * MB
+    state = tuple((jnp.zeros((B, H, a, c)), jnp.zeros((B, H, 1, c))) for a, c in ((F, 4 * F), (4 * F, F)))
+    assert auto_group(state, (B, H, MB, F), jnp.zeros((H, 1, F)), jnp.zeros((H, 1, F)), 4) == 2
+    args = _inputs("mlp", length, seed=5)
+    hand = _grads(_loss_fn(True, None, True, length)[0], args)
+    auto = _grads(_loss_fn(True, 0, False, length)[0], args)
+    for name, a, b in zip(ARGNAMES, hand, auto):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            scale = float(jnp.max(jnp.abs(y)))
+            err = float(jnp.max(jnp.abs(x - y)))
+            assert err <= 2e-5 * scale, f"{name}: {err:.2e} (scale {scale:.2e})"

@@ -40,9 +40,12 @@ class TTTConfig:
       use_gate: multiply the output by ``gelu_tanh(x Wg)`` before ``o_proj``.
       scan_checkpoint_group: in the backward pass keep the inner state only every this many
         mini-batches and recompute the rest (0 or 1: keep it at every mini-batch). Each
-        mini-batch step is always recomputed rather than stored. The default 4 is what the
-        reference implementations use: for TTT-MLP it takes a quarter of the memory of
-        keeping every state and is no slower (benchmarks/README.md).
+        mini-batch step is recomputed once in the backward pass whatever the group, so the
+        group is only a memory setting. None (the default): ``ttt_jax.math.ttt.auto_group``,
+        about ``sqrt(mini-batches * state size / per-mini-batch residuals)``, which keeps the
+        least memory (13-15 at 128 mini-batches of f = 64; the reference implementations use
+        4): TTT-MLP's fwd+bwd at L=2048 takes 0.77x the memory of groups of 4 and is no
+        slower (benchmarks/README.md).
       seq_chunk: a sequence longer than this many tokens goes through the layer in spans of
         this length, one after the other, the inner state (and the Q/K conv's last inputs)
         carried from span to span: the same outputs as the whole sequence at once, but the
@@ -68,7 +71,7 @@ class TTTConfig:
     share_qk: bool = False
     conv_kernel: int = 4
     use_gate: bool = False
-    scan_checkpoint_group: int = 4
+    scan_checkpoint_group: Optional[int] = None
     seq_chunk: Optional[int] = None
     initializer_range: float = 0.02
 
@@ -90,8 +93,9 @@ class TTTConfig:
             _fail(s, "num_heads", self.num_heads,
                   f"a value giving an even head_dim when use_rope=true (head_dim={self.head_dim})")
         g = self.scan_checkpoint_group
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            _fail(s, "scan_checkpoint_group", g, "an integer >= 0 (0: keep every state)")
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
+            _fail(s, "scan_checkpoint_group", g,
+                  "an integer >= 0 (0: keep every state) or null (chosen for least memory)")
         if self.seq_chunk is not None:
             _check_int(s, "seq_chunk", self.seq_chunk, minimum=0)
 

@@ -96,7 +96,8 @@ def _reference_fields(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": float(t.rope_theta), "use_gate": t.use_gate, "share_qk": t.share_qk,
         "ttt_layer_type": t.ttt_layer_type, "ttt_base_lr": float(t.ttt_base_lr),
         "mini_batch_size": t.mini_batch_size, "pre_conv": cfg.pre_conv,
-        "conv_kernel": t.conv_kernel, "scan_checkpoint_group_size": t.scan_checkpoint_group,
+        "conv_kernel": t.conv_kernel, # ours unset (auto) as the reference's default, 0
+        "scan_checkpoint_group_size": t.scan_checkpoint_group or 0,
     }
 
 
@@ -120,7 +121,8 @@ def _config_from_reference(data: Mapping[str, Any]) -> ModelConfig:
                     use_rope=True, rope_theta=float(d["rope_theta"]), rope_layout="interleaved",
                     ttt_base_lr=float(d["ttt_base_lr"]), share_qk=d["share_qk"],
                     conv_kernel=d["conv_kernel"], use_gate=d["use_gate"],
-                    scan_checkpoint_group=d["scan_checkpoint_group_size"],
+                    # a memory setting only: the reference's default 0 reads as ours (auto)
+                    scan_checkpoint_group=d["scan_checkpoint_group_size"] or None,
                     initializer_range=float(d["initializer_range"]))
     return ModelConfig(vocab_size=d["vocab_size"], num_layers=d["num_hidden_layers"],
                        intermediate_size=d["intermediate_size"], ttt=ttt, pre_conv=d["pre_conv"],

@@ -32,10 +32,10 @@ from jaxtyping import Array, Float
 from ttt_jax.math import inner
 from ttt_jax.math.inner import InnerState
 from ttt_jax.math.layernorm import layer_norm, layer_norm_lean
-from ttt_jax.math.ttt_scan import auto_lanes, scan_tokens
+from ttt_jax.math.ttt_scan import auto_group, auto_lanes, scan_tokens
 from ttt_jax.math.ttt_step import dual_outputs, dual_step
 
-__all__ = ["auto_lanes", "dual_outputs", "dual_step", "primal_token_step", "token_weights",
+__all__ = ["auto_group", "auto_lanes", "dual_outputs", "dual_step", "primal_token_step", "token_weights",
            "ttt_dual", "ttt_dual_tokens", "ttt_primal"]
 
 
@@ -77,8 +77,11 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     ``hand_vjp``: ``scan_tokens``; otherwise the same steps differentiated by autodiff under
     ``jax.checkpoint`` (``_scan``), on inputs transposed to ``[n, B, H, b, ...]``.
     """
+    n = xs[0].shape[1]
+    if group is None:
+        bsz, _, b, heads, f = xs[1].shape
+        group = auto_group(state, (bsz, heads, b, f), ln_weight, ln_bias, n)
     if hand_vjp:
-        n = xs[0].shape[1]
         return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n), lanes)
     xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 
@@ -92,7 +95,7 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
 def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[Array, "B L H f"],
                     xv: Float[Array, "B L H f"], lr: Float[Array, "B L H"],
                     learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
-                    ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
+                    ln_bias: Float[Array, "H f"], *, checkpoint_group: int | None = 0,
                     initial_state: InnerState | None = None, hand_vjp: bool = True,
                     lanes: int | None = None):
     """``ttt_dual`` on token-major inputs ``[B, L, H, f]`` (``lr: [B, L, H]``).
@@ -125,7 +128,7 @@ def ttt_dual_tokens(params: InnerState, xq: Float[Array, "B L H f"], xk: Float[A
 def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "B H L f"],
              xv: Float[Array, "B H L f"], lr: Float[Array, "B H L"],
              learnable_token_idx: Float[Array, "b"], ln_weight: Float[Array, "H f"],
-             ln_bias: Float[Array, "H f"], *, checkpoint_group: int = 0,
+             ln_bias: Float[Array, "H f"], *, checkpoint_group: int | None = 0,
              initial_state: InnerState | None = None, hand_vjp: bool = True,
              lanes: int | None = None):
     """TTT over a whole sequence in the dual form.
@@ -137,7 +140,8 @@ def ttt_dual(params: InnerState, xq: Float[Array, "B H L f"], xk: Float[Array, "
       learnable_token_idx: ``[b]``; its length is the mini-batch size.
       ln_weight, ln_bias: ``[H, f]`` the inner LayerNorm.
       checkpoint_group: keep the carried state only every this many mini-batches in the
-        backward pass (0 or 1: every mini-batch).
+        backward pass (0 or 1: every mini-batch; None: ``auto_group``, the least memory). The
+        same values and the same recomputation for any choice.
       initial_state: ``[B, H, ...]`` weights to start from instead of tiling ``params``.
       hand_vjp: differentiate the scan by its hand-written derivative (``scan_tokens``);
         False: by autodiff of ``dual_step`` under ``jax.checkpoint``. Same values either way,

@@ -10,6 +10,8 @@ chains inside each step (``auto_lanes``). ``ttt.py``'s ``ttt_dual_tokens`` is th
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -47,6 +49,30 @@ def auto_lanes(heads: int, head_dim: int) -> int:
     """
     cpu = jax.default_backend() == "cpu"
     return 2 if cpu and heads % 2 == 0 and head_dim >= 32 else 1
+
+
+def auto_group(state, frame_shape: tuple[int, ...], ln_weight, ln_bias, n: int) -> int:
+    """Mini-batches per checkpoint group of the hand-differentiated scan (``scan_tokens``).
+
+    The backward pass holds the start state of every group (``n / g`` states of ``S`` floats)
+    and, for the group it is in, each mini-batch's recomputed keys (``g`` times ``K`` floats,
+    ``_keys``); the recomputation is the same for every ``g``. ``round(sqrt(n S / K))``, within
+    ``[1, n]``, balances the two. It is 13 for TTT-Linear and 15 for TTT-MLP (f = 64, b = 16)
+    at 128 mini-batches, and measured within a few percent of the least memory of the groups
+    4, 8, 16 and 32 (benchmarks/README.md).
+
+    Args:
+      state: the carried inner state ``[B, H, ...]`` (arrays or shapes).
+      frame_shape: one mini-batch of keys, ``[B, H, b, f]``.
+      ln_weight, ln_bias: ``[H, 1, f]``.
+      n: whole mini-batches in the scan.
+    """
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    state = jax.tree.map(spec, state)
+    frame = jax.ShapeDtypeStruct(tuple(frame_shape), jnp.float32)
+    keys = jax.eval_shape(_keys, state, frame, frame, spec(ln_weight), spec(ln_bias))
+    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731
+    return max(1, min(n, round(math.sqrt(n * size(state) / size(keys)))))
 
 
 def _lane_slices(heads: int, lanes: int) -> list[slice]:
