@@ -140,23 +140,33 @@ def test_hand_vjp_matches_finite_differences_of_the_reference(layer_type, use_ro
 
 
 def test_auto_group_balances_kept_states_and_residuals():
-    """``auto_group`` = round(sqrt(n S / K)) within [1, n]: S the carried state's floats, K a
-    mini-batch's recomputed residuals (keys, activations, inner gradients), counted by hand."""
+    """``auto_group``: the divisor of n nearest g0 = sqrt(n S / K) within a factor 2, else g0
+    rounded; S the carried state's floats, K a mini-batch's recomputed residuals (keys,
+    activations, inner gradients), counted by hand."""
     f, b, bsz, heads = 64, 16, 2, 8
 
-    def expect(n, state_floats, key_floats):
-        return max(1, min(n, round(float(np.sqrt(n * state_floats / key_floats)))))
+    def expect(n, state_floats, key_floats):  # the divisor of n nearest g0, within 2x
+        g0 = float(np.sqrt(n * state_floats / key_floats))
+        best = None
+        for g in range(1, n + 1):
+            if n % g == 0 and g0 / 2 <= g <= 2 * g0:
+                if best is None or abs(np.log(g / g0)) < abs(np.log(best / g0)):
+                    best = g
+        return best if best is not None else max(1, min(n, round(g0)))
 
     linear_state, linear_keys = f * f + f, 3 * b * f  # W, bias; xk, Z, G
     # W1, b1, W2, b2; xk, gelu(Z1), Z1, Z2, G1, G2 and G2 W2^T
     mlp_state, mlp_keys = 2 * 4 * f * f + 4 * f + f, b * (f + 4 * f + 4 * f + f + 4 * f + f + 4 * f)
-    assert expect(128, linear_state, linear_keys) == 13
-    assert expect(128, mlp_state, mlp_keys) == 15
+    # g0 = 13.2 and 14.7 at n = 128; 6.7 (TTT-Linear) at n = 33, whose divisors are 1, 3, 11, 33
+    assert expect(128, linear_state, linear_keys) == 16
+    assert expect(128, mlp_state, mlp_keys) == 16
+    assert expect(33, linear_state, linear_keys) == 11
+    assert expect(7, 1, 700) == 1  # g0 = 0.1: no divisor within 2x
     for widths, s, k in (((f, f), linear_state, linear_keys), ((f, 4 * f, f), mlp_state, mlp_keys)):
         state = tuple((jnp.zeros((bsz, heads, widths[i], widths[i + 1])),
                        jnp.zeros((bsz, heads, 1, widths[i + 1]))) for i in range(len(widths) - 1))
         ln = jnp.zeros((heads, 1, f))
-        for n in (1, 2, 33, 128, 512, 2048):
+        for n in (1, 2, 7, 33, 128, 509, 512, 2048):
             assert auto_group(state, (bsz, heads, b, f), ln, ln, n) == expect(n, s, k), n
 
 

@@ -15,7 +15,7 @@ SeqModeling = Literal["ttt", "swa"]
 # The width of TTT-MLP's hidden layer, in multiples of the head dim (docs/architecture.md §1.5).
 MLP_EXPANSION = 4
 # TTT-Linear's span length when ``seq_chunk`` is not set (docs/architecture.md §1.9).
-DEFAULT_SPAN = 2048
+DEFAULT_SPAN = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +42,19 @@ class TTTConfig:
         mini-batches and recompute the rest (0 or 1: keep it at every mini-batch). Each
         mini-batch step is recomputed once in the backward pass whatever the group, so the
         group is only a memory setting. None (the default): ``ttt_jax.math.ttt.auto_group``,
-        about ``sqrt(mini-batches * state size / per-mini-batch residuals)``, which keeps the
-        least memory (13-15 at 128 mini-batches of f = 64; the reference implementations use
-        4): TTT-MLP's fwd+bwd at L=2048 takes 0.77x the memory of groups of 4 and is no
-        slower (benchmarks/README.md).
+        a divisor of the mini-batch count near ``sqrt(mini-batches * state size /
+        per-mini-batch residuals)``, which keeps the least memory (16 at 128 mini-batches of
+        f = 64; the reference implementations use 4): TTT-MLP's fwd+bwd at L=2048 takes 0.77x
+        the memory of groups of 4 and is no slower (benchmarks/README.md).
       seq_chunk: a sequence longer than this many tokens goes through the layer in spans of
         this length, one after the other, the inner state (and the Q/K conv's last inputs)
         carried from span to span: the same outputs as the whole sequence at once, but the
         projections' arrays stay the size of a span, so the time per token stays flat at long
         lengths and the memory is lower (benchmarks/README.md). Rounded down to a multiple of
         ``mini_batch_size`` (at least one mini-batch: ``span_length``); 0: the whole sequence
-        at once; None (the default): ``DEFAULT_SPAN`` for TTT-Linear, 0 for TTT-MLP, whose
-        inner loop is most of its time (spans gain it little; its fwd+bwd measured slightly
-        slower in spans at L=8192 on the CPU).
+        at once; None (the default): ``DEFAULT_SPAN`` (512) for TTT-Linear, 0 for TTT-MLP,
+        whose inner loop is most of its time (spans gain it little; its fwd+bwd measured
+        4-12 % slower in spans at L=8192 on the CPU).
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 

@@ -56,10 +56,12 @@ def auto_group(state, frame_shape: tuple[int, ...], ln_weight, ln_bias, n: int) 
 
     The backward pass holds the start state of every group (``n / g`` states of ``S`` floats)
     and, for the group it is in, each mini-batch's recomputed keys (``g`` times ``K`` floats,
-    ``_keys``); the recomputation is the same for every ``g``. ``round(sqrt(n S / K))``, within
-    ``[1, n]``, balances the two. It is 13 for TTT-Linear and 15 for TTT-MLP (f = 64, b = 16)
-    at 128 mini-batches, and measured within a few percent of the least memory of the groups
-    4, 8, 16 and 32 (benchmarks/README.md).
+    ``_keys``); the recomputation is the same for every ``g``. ``g0 = sqrt(n S / K)`` balances
+    the two; the divisor of ``n`` nearest to it (by ratio) is taken when one lies within a
+    factor 2, since a shorter last group is a second loop with buffers of its own (TTT-MLP at
+    L=2048: 187 MiB with 15, 165 MiB with 16); otherwise ``g0`` rounded, within ``[1, n]``.
+    At 128 mini-batches of f = 64 and b = 16 that is 16 for both inner models
+    (benchmarks/README.md).
 
     Args:
       state: the carried inner state ``[B, H, ...]`` (arrays or shapes).
@@ -72,7 +74,11 @@ def auto_group(state, frame_shape: tuple[int, ...], ln_weight, ln_bias, n: int) 
     frame = jax.ShapeDtypeStruct(tuple(frame_shape), jnp.float32)
     keys = jax.eval_shape(_keys, state, frame, frame, spec(ln_weight), spec(ln_bias))
     size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731
-    return max(1, min(n, round(math.sqrt(n * size(state) / size(keys)))))
+    g0 = math.sqrt(n * size(state) / size(keys))
+    near = [g for g in range(1, n + 1) if n % g == 0 and g0 / 2 <= g <= 2 * g0]
+    if near:
+        return min(near, key=lambda g: abs(math.log(g / g0)))
+    return max(1, min(n, round(g0)))
 
 
 def _lane_slices(heads: int, lanes: int) -> list[slice]:
