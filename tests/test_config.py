@@ -258,6 +258,16 @@ def test_bad_dtype(dtype):
         from_dict(RunConfig, data)
 
 
+def test_bad_loss_chunk_names_the_field():
+    ttt = TTTConfig(model_dim=16, num_heads=2)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        ModelConfig(vocab_size=8, num_layers=1, intermediate_size=8, ttt=ttt, loss_chunk=-1)
+    data = copy.deepcopy(BASE)
+    data["model"]["loss_chunk"] = "all"
+    with pytest.raises(ValueError, match="model.loss_chunk"):
+        from_dict(RunConfig, data)
+
+
 def test_wrong_input_width_for_layer(tiny_ttt_config):
     layer = TTTLayer(tiny_ttt_config)
     x = jax.ShapeDtypeStruct((2, 8, tiny_ttt_config.model_dim // 2), jnp.float32)

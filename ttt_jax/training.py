@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from ttt_jax.config import OptimConfig
+from ttt_jax.math.cross_entropy import cross_entropy
 from ttt_jax.tree import path_str
 
 # Parameter leaves that are never weight-decayed: norms, biases and per-head TTT vectors.
@@ -115,21 +116,6 @@ def new_state(params, optimizer: optax.GradientTransformation, carry=None) -> Tr
                       opt_state=optimizer.init(params), carry=carry)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  mask: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy and the number of counted tokens.
-
-    Args:
-      logits: ``[B, L, V]`` float32.
-      targets: ``[B, L]`` int.
-      mask: optional ``[B, L]`` weights (e.g. only the answer positions of a recall task).
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
-    if mask is None:
-        return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
 class OwnObjective:
     """Mixin of a Linen model that is trained on its own objective rather than next-token
     cross-entropy: its ``loss_sums(tokens, mask) -> (loss_sum, count)`` receives the
@@ -161,6 +147,9 @@ def init_carry(model: nn.Module, params, batch: int):
 def _loss_sums(model: nn.Module, params, tokens, mask):
     if isinstance(model, OwnObjective):
         return model.apply({"params": params}, tokens, mask, method="loss_sums")
+    if hasattr(model, "next_token_loss"):  # the LM head inside the loss (ModelConfig.loss_chunk)
+        return model.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], mask,
+                           method="next_token_loss")
     logits = model.apply({"params": params}, tokens[:, :-1])
     return cross_entropy(logits, tokens[:, 1:], mask)
 

@@ -140,6 +140,12 @@ class ModelConfig:
         ``ttt.model_dim``, ``ttt.num_heads``, ``ttt.rope_theta`` and ``ttt.rope_layout``).
       attention_window: with ``seq_modeling: swa``, each token attends to itself and the
         ``attention_window - 1`` tokens before it.
+      loss_chunk: the training loss runs the LM head and the cross-entropy together, this
+        many tokens at a time (``ttt_jax.math.cross_entropy``): the ``[tokens, vocab]`` logits
+        are never whole, which at vocab 32000 and 4096 tokens per micro-batch measured 0.34x
+        the memory of the head and loss and 1.19x their speed on the CPU
+        (benchmarks/README.md). 0: materialise the logits (``__call__``) and take the loss
+        of those.
     """
 
     vocab_size: int
@@ -152,6 +158,7 @@ class ModelConfig:
     dtype: DType = "float32"
     seq_modeling: SeqModeling = "ttt"
     attention_window: int = 128
+    loss_chunk: int = 1024
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "intermediate_size", "attention_window"):
@@ -159,6 +166,7 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 _fail("model", name, value, "a positive integer")
         _check_bools("model", self, ("pre_conv", "tie_word_embeddings"))
+        _check_int("model", "loss_chunk", self.loss_chunk, minimum=0)
         if not isinstance(self.ttt, TTTConfig):
             _fail("model", "ttt", self.ttt, "a TTTConfig")
         _check_positive("model", "rms_norm_eps", self.rms_norm_eps)

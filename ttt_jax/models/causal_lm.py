@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ttt_jax.config import ModelConfig
+from ttt_jax.math.cross_entropy import cross_entropy, fused_cross_entropy
 from ttt_jax.nn.attention import SlidingWindowAttention
 from ttt_jax.nn.layers import PreConv, RMSNorm, SwiGLU
 from ttt_jax.nn.ttt_layer import TTTLayer
@@ -135,12 +136,36 @@ class CausalLM(nn.Module):
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens, metadata: Optional[SequenceMetadata] = None):
+    def _hidden(self, tokens, metadata):
         self._check_tokens(tokens)
         x = self.embed_tokens(tokens)
         for block in self.layers:
             x = block(x, metadata)
-        return self._logits(x)
+        return x
+
+    def __call__(self, tokens, metadata: Optional[SequenceMetadata] = None):
+        return self._logits(self._hidden(tokens, metadata))
+
+    def next_token_loss(self, tokens, targets, mask=None):
+        """``(loss_sum, count)``: the summed cross-entropy of the logits of ``tokens [B, L]``
+        against ``targets [B, L]`` (``mask [B, L]``: per-token weights), as
+        ``cross_entropy(self(tokens), targets, mask)``.
+
+        With ``config.loss_chunk > 0`` the LM head runs inside the loss, that many tokens at a
+        time (``ttt_jax.math.cross_entropy.fused_cross_entropy``), and the logits are never
+        whole; 0 takes the loss of the materialised logits.
+        """
+        chunk = self.config.loss_chunk
+        if not chunk:
+            return cross_entropy(self(tokens), targets, mask)
+        x = self.norm(self._hidden(tokens, None))
+        if self.config.tie_word_embeddings:
+            w, vocab_axis = self.embed_tokens.embedding, 0  # [V, d]
+        else:
+            w, vocab_axis = self.lm_head.variables["params"]["kernel"], 1  # [d, V]
+        flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731
+        return fused_cross_entropy(x.reshape(-1, x.shape[-1]), w, flat(targets), flat(mask),
+                                   chunk=chunk, vocab_axis=vocab_axis)
 
     def init_cache(self, batch_size: int, start_position=0):
         """The decode state of ``batch_size`` fresh streams: ``{"layers": [Block cache, ...]}``."""
