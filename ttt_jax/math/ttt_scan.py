@@ -105,23 +105,15 @@ def _frame(xs, i, sl):
 
 
 def _forward_step(lanes, tok, ln_weight, ln_bias, xs):
-    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place.
-
-    The carried output buffer starts as the keys ``xs[1]``, and step ``i`` reads its keys from
-    it before writing its outputs over them: mini-batch ``i``'s keys are read by step ``i``
-    only, so the outputs take the keys' memory instead of a buffer of their own (where
-    nothing else reads the keys afterwards; under differentiation XLA keeps a copy).
-    """
+    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place."""
     def step(carry, i):
-        states, buf = carry
+        states, z_bar = carry
         new, zs = [], []
         for sl, state in zip(lanes, states):
-            xq, _, xv, lr = _frame(xs, i, sl)
-            xk = _chunk(buf, i)[:, sl]
-            state, z = dual_step(state, xq, xk, xv, lr, tok, ln_weight[sl], ln_bias[sl])
+            state, z = dual_step(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
             new.append(state)
             zs.append(z)
-        return (tuple(new), _put(buf, _merge(zs), i)), None
+        return (tuple(new), _put(z_bar, _merge(zs), i)), None
 
     return step
 
@@ -131,7 +123,8 @@ def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
     del group  # used by the derivative only
     lanes = _lane_slices(xs[0].shape[3], lanes)
     step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
-    (states, z_bar), _ = jax.lax.scan(step, (_split(state, lanes), xs[1]),
+    z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
+    (states, z_bar), _ = jax.lax.scan(step, (_split(state, lanes), z_bar),
                                       jnp.arange(xs[0].shape[1]))
     return _merge(states), z_bar
 
@@ -140,7 +133,7 @@ def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
     lanes = _lane_slices(xs[0].shape[3], lanes)
     step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
-    carry = (_split(state, lanes), xs[1])
+    carry = (_split(state, lanes), jnp.zeros(xs[0].shape, xs[0].dtype))
     starts = []
     for first, count, size in _groups(xs[0].shape[1], group):
         def run_group(carry, k, first=first, size=size):
