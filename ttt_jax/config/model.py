@@ -15,7 +15,7 @@ SeqModeling = Literal["ttt", "swa"]
 # The width of TTT-MLP's hidden layer, in multiples of the head dim (docs/architecture.md §1.5).
 MLP_EXPANSION = 4
 # TTT-Linear's span length when ``seq_chunk`` is not set (docs/architecture.md §1.9).
-DEFAULT_SPAN = 512
+DEFAULT_SPAN = 1024
 
 
 @dataclasses.dataclass(frozen=True)
