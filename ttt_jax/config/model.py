@@ -52,7 +52,7 @@ class TTTConfig:
         projections' arrays stay the size of a span, so the time per token stays flat at long
         lengths and the memory is lower (benchmarks/README.md). Rounded down to a multiple of
         ``mini_batch_size`` (at least one mini-batch: ``span_length``); 0: the whole sequence
-        at once; None (the default): ``DEFAULT_SPAN`` (512) for TTT-Linear, 0 for TTT-MLP,
+        at once; None (the default): ``DEFAULT_SPAN`` (1024) for TTT-Linear, 0 for TTT-MLP,
         whose inner loop is most of its time (spans gain it little; its fwd+bwd measured
         4-12 % slower in spans at L=8192 on the CPU).
       initializer_range: std of the normal initialiser of projections and inner weights.
