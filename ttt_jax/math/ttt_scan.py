@@ -2,7 +2,8 @@
 
 ``scan_tokens`` runs ``dual_step`` (``ttt_step.py``) over the ``n`` whole mini-batches of
 token-major inputs ``[B, n, b, H, f]``: each step reads its mini-batch with a dynamic slice and
-writes its outputs in place. Its derivative keeps the carried state every ``group``
+writes its outputs in place; for TTT-Linear each step's update is applied at the start of the
+next (``deferred_update``). Its derivative keeps the carried state every ``group``
 mini-batches and runs ``_dual_step_bwd`` backwards. ``lanes`` split the heads into independent
 chains inside each step (``auto_lanes``). ``ttt.py``'s ``ttt_dual_tokens`` is the entry point
 (docs/architecture.md §1.6).
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.math import inner
-from ttt_jax.math.ttt_step import _dual_step_bwd, _keys, dual_step
+from ttt_jax.math.ttt_step import _dual_step_bwd, _keys, dual_delta, dual_step
 
 
 def _chunk(x, i):
@@ -104,8 +105,27 @@ def _frame(xs, i, sl):
     return tuple(_chunk(x, i)[:, sl] for x in xs)
 
 
-def _forward_step(lanes, tok, ln_weight, ln_bias, xs):
-    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place."""
+def deferred_update(state) -> bool:
+    """Whether the scans apply each mini-batch's update at the start of the next step.
+
+    Applied within its own step, the update overwrites weights that the step's queries still
+    read, and XLA copies the weights at every step to keep both; applied at the start of the
+    next step, after every read, it is done in place. On the CPU that ran TTT-Linear's forward
+    1.13-1.14x faster and its recomputation in the backward pass about 1.06x, but TTT-MLP's
+    forward 1.7x slower: there the copy of the old weights runs beside the queries' products,
+    while the deferred update sits in front of the next step's first product
+    (benchmarks/README.md). So: one inner layer, deferred; more, within the step.
+    """
+    return len(state) == 1
+
+
+def _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred):
+    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place.
+
+    ``deferred`` (``deferred_update``): the carry is ``(states, deltas, z_bar)``, the state
+    after a step being ``states - deltas``, and each step first applies the update the
+    previous one left; otherwise ``(states, z_bar)``.
+    """
     def step(carry, i):
         states, z_bar = carry
         new, zs = [], []
@@ -115,30 +135,53 @@ def _forward_step(lanes, tok, ln_weight, ln_bias, xs):
             zs.append(z)
         return (tuple(new), _put(z_bar, _merge(zs), i)), None
 
-    return step
+    def deferred_step(carry, i):
+        states, deltas, z_bar = carry
+        new, pending, zs = [], [], []
+        for sl, state, delta in zip(lanes, states, deltas):
+            state = inner.apply_update(state, delta)
+            delta, z = dual_delta(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
+            new.append(state)
+            pending.append(delta)
+            zs.append(z)
+        return (tuple(new), tuple(pending), _put(z_bar, _merge(zs), i)), None
+
+    return deferred_step if deferred else step
+
+
+def _run(step, carry, idx, deferred):
+    """``step`` over the mini-batches ``idx`` from ``carry = (states, z_bar)``; the end states
+    come back with their last update applied."""
+    if not deferred:
+        return jax.lax.scan(step, carry, idx)[0]
+    states, z_bar = carry
+    zero = jax.tree.map(jnp.zeros_like, states)
+    (states, deltas, z_bar), _ = jax.lax.scan(step, (states, zero, z_bar), idx)
+    return tuple(inner.apply_update(s, d) for s, d in zip(states, deltas)), z_bar
 
 
 def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """``n`` mini-batches in the dual form, read from and written to the token-major layout."""
     del group  # used by the derivative only
+    deferred = deferred_update(state)
     lanes = _lane_slices(xs[0].shape[3], lanes)
-    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred)
     z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
-    (states, z_bar), _ = jax.lax.scan(step, (_split(state, lanes), z_bar),
-                                      jnp.arange(xs[0].shape[1]))
+    states, z_bar = _run(step, (_split(state, lanes), z_bar), jnp.arange(xs[0].shape[1]),
+                         deferred)
     return _merge(states), z_bar
 
 
 def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
+    deferred = deferred_update(state)
     lanes = _lane_slices(xs[0].shape[3], lanes)
-    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs)
+    step = _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred)
     carry = (_split(state, lanes), jnp.zeros(xs[0].shape, xs[0].dtype))
     starts = []
     for first, count, size in _groups(xs[0].shape[1], group):
         def run_group(carry, k, first=first, size=size):
-            end, _ = jax.lax.scan(step, carry, first + k * size + jnp.arange(size))
-            return end, carry[0]
+            return _run(step, carry, first + k * size + jnp.arange(size), deferred), carry[0]
 
         carry, group_starts = jax.lax.scan(run_group, carry, jnp.arange(count))
         starts.append(group_starts)
@@ -170,15 +213,25 @@ def _scan_tokens_bwd(group, lanes, res, cts):
         d_xs = tuple(_put(buf, _merge(d), i) for buf, d in zip(d_xs, zip(*frames)))
         return (tuple(new), d_consts, d_xs), None
 
-    def advance(states, i):  # a mini-batch's start state and its inner gradients, every lane
-        new, keys = [], []
+    deferred = deferred_update(d_state)
+
+    def advance(carry, i):  # a mini-batch's start state and its inner gradients, every lane
+        states, deltas = carry if deferred else (carry, None)
+        if deferred:  # the update the previous mini-batch left (deferred_update)
+            states = tuple(inner.apply_update(s, d) for s, d in zip(states, deltas))
+        new, pending, keys = [], [], []
         for sl, state in zip(lanes, states):
             _, xk, xv, lr = _frame(xs, i, sl)
             key = _keys(state, xk, xv, ln_weight[sl], ln_bias[sl])
             acts, _, gs, _ = key
-            new.append(inner.step(state, acts, gs, tok[-1] * lr))
+            delta = inner.weighted_grad_sums(acts, gs, tok[-1] * lr)
+            if deferred:
+                pending.append(delta)
+            else:
+                new.append(inner.apply_update(state, delta))
             keys.append(key)
-        return tuple(new), (states, tuple(keys))
+        carry = (states, tuple(pending)) if deferred else tuple(new)
+        return carry, (states, tuple(keys))
 
     d_consts = (jnp.zeros_like(tok), jnp.zeros_like(ln_weight), jnp.zeros_like(ln_bias))
     carry = (_split(d_state, lanes), d_consts, tuple(jnp.zeros_like(x) for x in xs))
@@ -187,7 +240,8 @@ def _scan_tokens_bwd(group, lanes, res, cts):
         def group_back(carry, inp, first=first, size=size):
             k, start = inp
             idx = first + k * size + jnp.arange(size)
-            _, (states, keys) = jax.lax.scan(advance, start, idx)
+            init = (start, jax.tree.map(jnp.zeros_like, start)) if deferred else start
+            _, (states, keys) = jax.lax.scan(advance, init, idx)
             carry, _ = jax.lax.scan(step_back, carry, (idx, states, keys), reverse=True)
             return carry, None
 

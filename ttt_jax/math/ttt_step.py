@@ -52,7 +52,13 @@ def dual_outputs(state: InnerState, acts, gs, xq, lr, tok, acc=None, first=None)
 
 
 def dual_step(state: InnerState, xq, xk, xv, lr, tok, ln_weight, ln_bias):
-    """One mini-batch in the dual form.
+    """One mini-batch in the dual form: ``dual_delta`` with its update applied."""
+    delta, z_bar = dual_delta(state, xq, xk, xv, lr, tok, ln_weight, ln_bias)
+    return inner.apply_update(state, delta), z_bar
+
+
+def dual_delta(state: InnerState, xq, xk, xv, lr, tok, ln_weight, ln_bias):
+    """One mini-batch in the dual form, its update returned rather than applied.
 
     Args:
       state: inner weights at the mini-batch start, ``W: [B, H, f_in, f_out]``,
@@ -63,7 +69,11 @@ def dual_step(state: InnerState, xq, xk, xv, lr, tok, ln_weight, ln_bias):
       ln_weight, ln_bias: ``[H, 1, f]``.
 
     Returns:
-      ``(state', z_bar)``: the state after the mini-batch and the pre-LN outputs ``[B, H, b, f]``.
+      ``(delta, z_bar)``: the update, ``state' = state - delta`` after the mini-batch
+      (``inner.weighted_grad_sums`` with ``tok[-1] * lr``), and the pre-LN outputs
+      ``[B, H, b, f]``. The scan of ``ttt_scan.py`` applies ``delta`` at the start of the next
+      step: subtracted here, it would overwrite the weights while the queries still read them,
+      and XLA would copy the weights at every step to keep both.
 
     With more than one inner layer (TTT-MLP) the keys and the queries go through the first
     layer's start weights in one ``[2b, f]`` product: on the CPU that step runs about 1.2-1.4x
@@ -76,7 +86,7 @@ def dual_step(state: InnerState, xq, xk, xv, lr, tok, ln_weight, ln_bias):
         first_k, first_q = both[..., :b, :], both[..., b:, :]
     acts, _, gs = inner.loss_grads(state, xk, xv, ln_weight, ln_bias, first=first_k)
     z_bar = dual_outputs(state, acts, gs, xq, lr, tok, first=first_q)
-    return inner.step(state, acts, gs, tok[-1] * lr), z_bar
+    return inner.weighted_grad_sums(acts, gs, tok[-1] * lr), z_bar
 
 
 def _keys(state: InnerState, xk, xv, ln_weight, ln_bias):
@@ -94,6 +104,13 @@ def _keys(state: InnerState, xk, xv, ln_weight, ln_bias):
 
 
 def _dual_step_bwd(res, cts, keys=None):
+    """The derivative of ``dual_step``: ``_dual_step_bwd_parts`` with the carried state's
+    cotangent added to the step's own."""
+    own, *rest = _dual_step_bwd_parts(res, cts, keys)
+    return (inner.accumulate(cts[0], own), *rest)
+
+
+def _dual_step_bwd_parts(res, cts, keys=None):
     """The derivative of ``dual_step`` by hand (docs/architecture.md §1.6).
 
     Only the step's inputs are kept; the keys' forward, the inner gradients and the queries'
@@ -101,6 +118,10 @@ def _dual_step_bwd(res, cts, keys=None):
     Elementwise pieces (the closed-form LayerNorm gradient, ``gelu_tanh'``) are differentiated
     by ``jax.vjp`` of their closed forms. ``keys``: ``_keys`` at the step's state when already
     computed (recomputed otherwise).
+
+    Returns the step's own part of the start state's cotangent (the carried one ``cts[0]``
+    left out: the start state's is their sum), then the cotangents of ``xq, xk, xv - xk, lr,
+    tok`` and of the LayerNorm's weight and bias.
     """
     state, xq, xk, xv, lr, tok, ln_weight, ln_bias = res
     d_next, dzb = cts
@@ -122,23 +143,24 @@ def _dual_step_bwd(res, cts, keys=None):
             xbars.append(inner.gelu_tanh(zbs[i]))
 
     # The update W' = W - A^T (e * G), bias' = bias - e G.
-    dws = [dw for dw, _ in d_next]
-    dbs = [db for _, db in d_next]
     dgs, das = [None] * nl, [None] * nl
     de = 0.0
-    for i in range(nl):
-        adw = mm(acts[i], dws[i]) + dbs[i]  # [B, H, b, f_out]
+    for i, (dw_next, db_next) in enumerate(d_next):
+        adw = mm(acts[i], dw_next) + db_next  # [B, H, b, f_out]
         dgs[i] = -e[..., None] * adw
         de = de - jnp.sum(adw * gs[i], axis=-1)
-        das[i] = -mm(e[..., None] * gs[i], _swap(dws[i]))
+        das[i] = -mm(e[..., None] * gs[i], _swap(dw_next))
+    # The step's own cotangents of W_i and bias_i: queries, chain and keys terms.
+    dws, dbs = [None] * nl, [None] * nl
+    plus = lambda a, b: b if a is None else a + b  # noqa: E731
     # The queries' path, last layer first: zb_i = xbar_i W_i + bias_i - M_i G_i.
     dtok = jnp.zeros_like(tok)
     dlr = de * tok[-1]
     dtok = dtok.at[-1].add(jnp.sum(de * lr))
     dz = dzb
     for i in range(nl - 1, -1, -1):
-        dws[i] = dws[i] + inner.mm_tn(xbars[i], dz)
-        dbs[i] = dbs[i] + jnp.sum(dz, axis=-2, keepdims=True)
+        dws[i] = plus(dws[i], inner.mm_tn(xbars[i], dz))
+        dbs[i] = plus(dbs[i], jnp.sum(dz, axis=-2, keepdims=True))
         dm = -mm(dz, _swap(gs[i]))  # [B, H, b, b]
         dgs[i] = dgs[i] - inner.mm_tn(ms[i], dz)
         dxbar = mm(dz, _swap(ws[i]))
@@ -158,15 +180,15 @@ def _dual_step_bwd(res, cts, keys=None):
     for i in range(1, nl):
         dback = dgs[i - 1] * gps[i - 1]
         dgs[i] = dgs[i] + mm(dback, ws[i])
-        dws[i] = dws[i] + inner.mm_tn(dback, gs[i])
+        dws[i] = plus(dws[i], inner.mm_tn(dback, gs[i]))
         _, gpp_vjp = jax.vjp(inner.gelu_tanh_grad, zs[i - 1])
         dzs[i - 1] = gpp_vjp(dgs[i - 1] * backs[i])[0]
     dzs[-1], dtarget, dlnw, dlnb = ln_vjp(dgs[-1])
     # The keys' forward, last layer first: Z_i = a_i W_i + bias_i, a_{i+1} = gelu(Z_i).
     dxk = -dtarget
     for i in range(nl - 1, -1, -1):
-        dws[i] = dws[i] + inner.mm_tn(acts[i], dzs[i])
-        dbs[i] = dbs[i] + jnp.sum(dzs[i], axis=-2, keepdims=True)
+        dws[i] = plus(dws[i], inner.mm_tn(acts[i], dzs[i]))
+        dbs[i] = plus(dbs[i], jnp.sum(dzs[i], axis=-2, keepdims=True))
         da = das[i] + mm(dzs[i], _swap(ws[i]))
         if i:
             dzs[i - 1] = dzs[i - 1] + da * gps[i - 1]
