@@ -8,6 +8,8 @@ state included; the data loader must read each recording's windows in order per 
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from ttt_jax.moshi.config import MoshiDataConfig
 from ttt_jax.moshi.data import (MOTIF_FRAMES, make_recording_windows, motif_recording)
 from ttt_jax.moshi.lm import MoshiLM, delayed_recording
 from ttt_jax.moshi.registration import MoshiLMObjective
+from ttt_jax.run_dir import StopSignals
 from ttt_jax.trainer import run
 
 from conftest import compilation_cache
@@ -206,27 +209,47 @@ RUN = SMALL + ["model.ttt.persistent_states=true", "data.source=motifs", "data.r
                "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]
 
 
-def train(run_dir, steps):
+class StopAfterFirstStep(StopSignals):
+    """A SIGTERM as the loop starts: the run trains one step, saves it and stops (preemption)."""
+
+    def training(self):
+        super().training()
+        self.signal = signal.SIGTERM
+
+
+def train(run_dir, steps, stop=None):
     cfg = load("moshi_lm_tiny", RUN + [f"train.steps={steps}", f"train.run_dir={run_dir}"])
-    return run(cfg, print_fn=lambda *a, **k: None)["state"]
+    return run(cfg, print_fn=lambda *a, **k: None, stop=stop)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A straight 2-step run, and the same stopped after step 1 and resumed."""
+    """A straight 2-step run, and the same stopped after step 1 and resumed; the number of
+    programs in the compilation cache after each."""
     tmp = tmp_path_factory.mktemp("persistent")
-    with compilation_cache(tmp / "jax_cache"):
-        straight = train(tmp / "straight", 2)
-        train(tmp / "split", 1)
-        resumed = train(tmp / "split", 2)
-    return tmp, straight, resumed
+    cache = tmp / "jax_cache"
+    with compilation_cache(cache):
+        straight = train(tmp / "straight", 2)["state"]
+        stopped = train(tmp / "split", 2, stop=StopAfterFirstStep())
+        assert stopped["stopped"] and int(stopped["state"].step) == 1
+        programs = len(list(cache.iterdir()))
+        resumed = train(tmp / "split", 2)["state"]
+        assert int(resumed.step) == 2
+    return tmp, straight, resumed, (programs, len(list(cache.iterdir())))
 
 
 def test_a_resumed_persistent_run_is_bit_identical(runs):
-    _, straight, resumed = runs
+    _, straight, resumed, _ = runs
     assert straight.carry is not None and jax.tree.leaves(straight.carry)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_resumed_run_compiles_nothing_new(runs):
+    # The restored state reaches jit committed to the device, as a fresh one does: the resumed
+    # run's train and eval steps are the cached programs of the first run.
+    _, _, _, (before, after) = runs
+    assert before > 0 and after == before
 
 
 def test_resuming_with_another_batch_size_names_the_carried_state(runs, tmp_path):
@@ -234,7 +257,7 @@ def test_resuming_with_another_batch_size_names_the_carried_state(runs, tmp_path
 
     from ttt_jax.checkpoint import CheckpointError
 
-    tmp, _, _ = runs
+    tmp, *_ = runs
     shutil.copytree(tmp / "straight", tmp_path / "run")
     cfg = load("moshi_lm_tiny", RUN + ["train.steps=3", "data.batch_size=4",
                                        f"train.run_dir={tmp_path / 'run'}"])
@@ -279,7 +302,7 @@ def test_eval_scores_a_recording_per_stream_exactly(small, chunk):
 def test_eval_of_a_moshi_lm_run_reports_each_stream(runs):
     from ttt_jax.evals import EvalOptions, evaluate_checkpoint, markdown_report
 
-    tmp, _, _ = runs
+    tmp, *_ = runs
     options = EvalOptions(lengths=(16, 40), num_sequences=2, chunk=12)
     result = evaluate_checkpoint(tmp / "straight", options, log=lambda *a: None)
     row = result["lm"]["40"]

@@ -201,7 +201,7 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
     # cfg.mesh set: state and batches sharded on a device mesh (ttt_jax.sharding).
     layout = sharding.Layout.from_config(cfg) if cfg.mesh is not None else None
     if layout is None:
-        state = jax.jit(init)(key)
+        state = _place(jax.jit(init)(key), layout)
         train_step = jax.jit(step_fn, donate_argnums=0)
         eval_step = jax.jit(training.make_eval_step(model))
     else:
@@ -228,6 +228,8 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
             restored = ckpt.restore_latest(state, log=print_fn) if c.resume else None
         if restored is not None:
             state, meta = restored
+            if layout is None:  # a mesh's restore target already carries its shardings
+                state = _place(state, layout)
             for line in _config_differences(meta["config"], to_dict(cfg)):
                 print_fn(f"warning: config differs from the checkpoint's: {line}")
             print_fn(f"resumed from step {int(state.step)} (data position "
@@ -328,7 +330,13 @@ def _train(cfg: RunConfig, print_fn, stop: StopSignals, stack: contextlib.ExitSt
 
 
 def _place(state, layout):
-    return layout.place_state(state) if layout is not None else state
+    """The state on the mesh, or committed to the one device without a mesh: a fresh, a
+    restored and an initialised-from state then reach ``jit`` with the same argument shardings,
+    so a resumed run finds its programs in a persistent compilation cache
+    (``jax_compilation_cache_dir``) instead of compiling them again."""
+    if layout is not None:
+        return layout.place_state(state)
+    return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def _eval_record(step: int, val_loss: float, bytes_per_token) -> dict:
