@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from ttt_jax import ModelConfig, RunConfig, TTTConfig, registry, save_config
 from ttt_jax.checkpoint import CheckpointError, Checkpointer
 from ttt_jax.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 from ttt_jax.trainer import run
+
+from conftest import compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -77,7 +80,14 @@ def copy_run(six_steps, tmp_path):
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     """A run SIGKILLed after its step-N checkpoint resumes from step N, trains only steps
-    N+1..12 and ends bit-identical to a straight run. Both save every step and keep 2."""
+    N+1..12 and ends bit-identical to a straight run. Both save every step and keep 2. The
+    three runs share a compilation cache: the killed process and the resumed run load the
+    straight run's programs instead of compiling them again."""
+    with compilation_cache(tmp_path / "jax_cache") as cache_env:
+        _sigkill_then_resume(tmp_path, cache_env)
+
+
+def _sigkill_then_resume(tmp_path, cache_env):
     straight = run(config(tmp_path / "straight", keep=2, log_every=1), print_fn=quiet)["state"]
     assert steps_on_disk(tmp_path / "straight") == [STEPS - 1, STEPS]  # keep-last-K pruning
 
@@ -86,6 +96,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     save_config(cfg, tmp_path / "killed.yaml")
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config",
                              str(tmp_path / "killed.yaml")], cwd=REPO,
+                            env={**os.environ, **cache_env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = run_dir / "checkpoints"
     deadline = time.time() + 240

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.math import inner
-from ttt_jax.math.ttt_step import _dual_step_bwd, _keys, dual_delta, dual_step
+from ttt_jax.math.ttt_step import _dual_step_bwd, _keys, dual_delta
 
 
 def _chunk(x, i):
@@ -119,45 +119,47 @@ def deferred_update(state) -> bool:
     return len(state) == 1
 
 
-def _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred):
-    """The scan step of the forward pass: every lane's ``dual_step``, outputs written in place.
+def _pending(states, deltas):
+    """The states with the updates the previous step left applied (``deferred_update``);
+    ``deltas`` is None when every step applies its own."""
+    if deltas is None:
+        return states
+    return tuple(inner.apply_update(s, d) for s, d in zip(states, deltas))
 
-    ``deferred`` (``deferred_update``): the carry is ``(states, deltas, z_bar)``, the state
-    after a step being ``states - deltas``, and each step first applies the update the
-    previous one left; otherwise ``(states, z_bar)``.
+
+def _keep(states, deltas, deferred):
+    """A step's ``(states, deltas)`` carry from its start states and its updates: the updates
+    left for the next step when ``deferred``, applied now otherwise."""
+    if deferred:
+        return tuple(states), tuple(deltas)
+    return _pending(states, deltas), None
+
+
+def _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred):
+    """The scan step of the forward pass: every lane's ``dual_delta``, outputs written in place.
+
+    The carry is ``(states, deltas, z_bar)``, the state after a step being ``states - deltas``;
+    ``deferred`` (``deferred_update``): each step first applies the update the previous one
+    left and leaves its own, otherwise ``deltas`` is None and each step applies its own.
     """
     def step(carry, i):
-        states, z_bar = carry
-        new, zs = [], []
-        for sl, state in zip(lanes, states):
-            state, z = dual_step(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
-            new.append(state)
-            zs.append(z)
-        return (tuple(new), _put(z_bar, _merge(zs), i)), None
-
-    def deferred_step(carry, i):
         states, deltas, z_bar = carry
-        new, pending, zs = [], [], []
-        for sl, state, delta in zip(lanes, states, deltas):
-            state = inner.apply_update(state, delta)
-            delta, z = dual_delta(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
-            new.append(state)
-            pending.append(delta)
-            zs.append(z)
-        return (tuple(new), tuple(pending), _put(z_bar, _merge(zs), i)), None
+        states = _pending(states, deltas)
+        out = [dual_delta(state, *_frame(xs, i, sl), tok, ln_weight[sl], ln_bias[sl])
+               for sl, state in zip(lanes, states)]
+        deltas, zs = zip(*out)
+        return (*_keep(states, deltas, deferred), _put(z_bar, _merge(zs), i)), None
 
-    return deferred_step if deferred else step
+    return step
 
 
 def _run(step, carry, idx, deferred):
     """``step`` over the mini-batches ``idx`` from ``carry = (states, z_bar)``; the end states
     come back with their last update applied."""
-    if not deferred:
-        return jax.lax.scan(step, carry, idx)[0]
     states, z_bar = carry
-    zero = jax.tree.map(jnp.zeros_like, states)
-    (states, deltas, z_bar), _ = jax.lax.scan(step, (states, zero, z_bar), idx)
-    return tuple(inner.apply_update(s, d) for s, d in zip(states, deltas)), z_bar
+    deltas = jax.tree.map(jnp.zeros_like, states) if deferred else None
+    (states, deltas, z_bar), _ = jax.lax.scan(step, (states, deltas, z_bar), idx)
+    return _pending(states, deltas), z_bar
 
 
 def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
@@ -216,22 +218,16 @@ def _scan_tokens_bwd(group, lanes, res, cts):
     deferred = deferred_update(d_state)
 
     def advance(carry, i):  # a mini-batch's start state and its inner gradients, every lane
-        states, deltas = carry if deferred else (carry, None)
-        if deferred:  # the update the previous mini-batch left (deferred_update)
-            states = tuple(inner.apply_update(s, d) for s, d in zip(states, deltas))
-        new, pending, keys = [], [], []
+        states, deltas = carry
+        states = _pending(states, deltas)  # the update the previous mini-batch left, if any
+        deltas, keys = [], []
         for sl, state in zip(lanes, states):
             _, xk, xv, lr = _frame(xs, i, sl)
             key = _keys(state, xk, xv, ln_weight[sl], ln_bias[sl])
             acts, _, gs, _ = key
-            delta = inner.weighted_grad_sums(acts, gs, tok[-1] * lr)
-            if deferred:
-                pending.append(delta)
-            else:
-                new.append(inner.apply_update(state, delta))
+            deltas.append(inner.weighted_grad_sums(acts, gs, tok[-1] * lr))
             keys.append(key)
-        carry = (states, tuple(pending)) if deferred else tuple(new)
-        return carry, (states, tuple(keys))
+        return _keep(states, deltas, deferred), (states, tuple(keys))
 
     d_consts = (jnp.zeros_like(tok), jnp.zeros_like(ln_weight), jnp.zeros_like(ln_bias))
     carry = (_split(d_state, lanes), d_consts, tuple(jnp.zeros_like(x) for x in xs))
@@ -240,7 +236,7 @@ def _scan_tokens_bwd(group, lanes, res, cts):
         def group_back(carry, inp, first=first, size=size):
             k, start = inp
             idx = first + k * size + jnp.arange(size)
-            init = (start, jax.tree.map(jnp.zeros_like, start)) if deferred else start
+            init = (start, jax.tree.map(jnp.zeros_like, start) if deferred else None)
             _, (states, keys) = jax.lax.scan(advance, init, idx)
             carry, _ = jax.lax.scan(step_back, carry, (idx, states, keys), reverse=True)
             return carry, None
