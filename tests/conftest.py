@@ -2,10 +2,21 @@
 
 import contextlib
 import importlib.util
+import os
 from pathlib import Path
 
-import jax
-import pytest
+# The XLA CPU compiler's fusion emitters take about 2.5x longer to compile than its older
+# elemental ones, and these tests compile hundreds of small programs whose run time is
+# negligible; set before the first backend starts, and inherited by the subprocesses.
+NO_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_FUSION_EMITTERS}".strip()
+# For subprocesses that set XLA_FLAGS of their own (fake devices): cheaper compiles still.
+FAST_XLA = ("--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0 "
+            + NO_FUSION_EMITTERS)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 from ttt_jax import ModelConfig, TTTConfig
 
@@ -34,14 +45,15 @@ def train_main():
 
 
 @contextlib.contextmanager
-def compilation_cache(path):
+def compilation_cache(path, min_compile_s=0.0):
     """A persistent JAX compilation cache in ``path`` for the block: runs that train the same
-    small shapes compile each program once. Yields the settings as environment variables, for
+    small shapes compile each program once (every program that took at least
+    ``min_compile_s`` to compile is kept). Yields the settings as environment variables, for
     subprocesses."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     settings = {"jax_compilation_cache_dir": str(path),
-                "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_compile_time_secs": min_compile_s,
                 "jax_persistent_cache_min_entry_size_bytes": 0}
     saved = {k: getattr(jax.config, k) for k in settings}
     for k, v in settings.items():
@@ -53,6 +65,23 @@ def compilation_cache(path):
         for k, v in saved.items():
             jax.config.update(k, v)
         cc.reset_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for the whole test run, fresh each run, shared with
+    the subprocesses through the environment: many tests train or apply the same small
+    programs from fresh functions (and ``train.py`` runs in subprocesses), so each is compiled
+    once. Compiles under half a second are not kept (the eager ops' thousands of tiny ones)."""
+    with compilation_cache(tmp_path_factory.mktemp("jax_cache"), min_compile_s=0.5) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def save_untrained_run(run_dir, run_cfg, params):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAST_XLA  # cheaper compiles: the tiny programs run in microseconds
 from ttt_jax import registry
 from ttt_jax.moshi.sharding import MOSHI_RULES, unmatched
 from ttt_jax.sharding import Split, spec_for
@@ -28,7 +29,6 @@ from ttt_jax.tree import flatten
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST_XLA = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 TOL = 1e-5
 MESHES = ("fsdp8", "fsdp2_tensor4", "tensor8")
 

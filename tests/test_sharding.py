@@ -21,14 +21,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_XLA  # cheaper compiles: the tiny programs run in microseconds
 from ttt_jax import from_dict, to_dict
 from ttt_jax.config import MeshConfig, RunConfig
 from ttt_jax.distributed import distributed_settings, read_rows
 from ttt_jax.sharding import make_mesh, spec_for
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
-# Cheaper compiles (the tiny programs run in microseconds either way).
-FAST_XLA = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 STEPS, SAVE_AT = 5, 3
 RTOL = 1e-5
 
