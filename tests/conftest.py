@@ -78,15 +78,11 @@ def shared_compilation_cache(tmp_path_factory):
     the subprocesses through the environment: many tests train or apply the same small
     programs from fresh functions (and ``train.py`` runs in subprocesses), so each is compiled
     once. Compiles under half a second are not kept (the eager ops' thousands of tiny ones)."""
-    with compilation_cache(tmp_path_factory.mktemp("jax_cache"), min_compile_s=0.5) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+    with (compilation_cache(tmp_path_factory.mktemp("jax_cache"), min_compile_s=0.5) as env,
+          pytest.MonkeyPatch.context() as mp):
+        for k, v in env.items():
+            mp.setenv(k, v)
         yield
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def save_untrained_run(run_dir, run_cfg, params):

@@ -28,7 +28,6 @@ from ttt_jax import apply_overrides, load_config, training
 from ttt_jax.checkpoint import CheckpointError, Checkpointer, load_run, load_saved
 from ttt_jax.trainer import run
 
-from conftest import compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -84,21 +83,10 @@ def assert_readme_row(row: str, err: str, tmp_path) -> None:
     assert re.fullmatch(pattern, err.rstrip("\n")), f"README {row!r}: {readme_row(row)!r}\n{err}"
 
 
-CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One persistent JAX compilation cache for this module's runs and subprocesses: they train
-    the same small shapes, so each program is compiled once."""
-    with compilation_cache(tmp_path_factory.mktemp("jax_cache")) as env:
-        CACHE_ENV.update(env)
-        yield
-    CACHE_ENV.clear()
-
-
 def child_env(**extra) -> dict[str, str]:
-    return {**os.environ, **CACHE_ENV, **extra}
+    """The subprocess's environment: this one's (with the suite's shared compilation cache,
+    ``conftest.shared_compilation_cache``) plus ``extra``."""
+    return {**os.environ, **extra}
 
 
 @pytest.fixture(scope="module")
