@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ttt_jax.math import inner
+from ttt_jax.math import cpu_kernel, inner
 from ttt_jax.math.inner import InnerState
 from ttt_jax.math.layernorm import layer_norm, layer_norm_lean
-from ttt_jax.math.ttt_scan import auto_group, auto_lanes, scan_tokens
+from ttt_jax.math.ttt_scan import lane_slices, auto_group, auto_lanes, scan_tokens
 from ttt_jax.math.ttt_step import dual_outputs, dual_step
 
 __all__ = ["auto_group", "auto_lanes", "dual_outputs", "dual_step", "primal_token_step", "token_weights",
@@ -74,7 +74,8 @@ def _scan(step: Callable, carry, xs, group: int):
 def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     """``n`` whole mini-batches, token-major ``[B, n, b, H, ...]`` in and ``z_bar`` out.
 
-    ``hand_vjp``: ``scan_tokens``; otherwise the same steps differentiated by autodiff under
+    ``hand_vjp``: ``scan_tokens``, or for TTT-Linear on the CPU its native kernel
+    (``cpu_kernel.scan_linear``, when ``cpu_kernel.use_kernel``); otherwise the same steps differentiated by autodiff under
     ``jax.checkpoint`` (``_scan``), on inputs transposed to ``[n, B, H, b, ...]``.
     """
     n = xs[0].shape[1]
@@ -82,6 +83,10 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
         bsz, _, b, heads, f = xs[1].shape
         group = auto_group(state, (bsz, heads, b, f), ln_weight, ln_bias, n)
     if hand_vjp:
+        lane_slices(xs[0].shape[3], lanes)  # a bad ``lanes`` is an error whichever scan runs
+        if cpu_kernel.use_kernel(state):
+            return cpu_kernel.scan_linear(state, xs, tok, ln_weight, ln_bias,
+                                          min(max(group, 1), n))
         return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n), lanes)
     xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 

@@ -82,7 +82,7 @@ def auto_group(state, frame_shape: tuple[int, ...], ln_weight, ln_bias, n: int) 
     return max(1, min(n, round(g0)))
 
 
-def _lane_slices(heads: int, lanes: int) -> list[slice]:
+def lane_slices(heads: int, lanes: int) -> list[slice]:
     if lanes < 1 or heads % lanes:
         raise ValueError(f"lanes: {lanes} must be >= 1 and divide the number of heads ({heads})")
     size = heads // lanes
@@ -166,7 +166,7 @@ def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """``n`` mini-batches in the dual form, read from and written to the token-major layout."""
     del group  # used by the derivative only
     deferred = deferred_update(state)
-    lanes = _lane_slices(xs[0].shape[3], lanes)
+    lanes = lane_slices(xs[0].shape[3], lanes)
     step = _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred)
     z_bar = jnp.zeros(xs[0].shape, xs[0].dtype)
     states, z_bar = _run(step, (_split(state, lanes), z_bar), jnp.arange(xs[0].shape[1]),
@@ -177,7 +177,7 @@ def _scan_tokens_plain(state, xs, tok, ln_weight, ln_bias, group, lanes):
 def _scan_tokens_fwd(state, xs, tok, ln_weight, ln_bias, group, lanes):
     """The forward pass, keeping the start state of every ``group``-th mini-batch only."""
     deferred = deferred_update(state)
-    lanes = _lane_slices(xs[0].shape[3], lanes)
+    lanes = lane_slices(xs[0].shape[3], lanes)
     step = _forward_step(lanes, tok, ln_weight, ln_bias, xs, deferred)
     carry = (_split(state, lanes), jnp.zeros(xs[0].shape, xs[0].dtype))
     starts = []
@@ -196,7 +196,7 @@ def _scan_tokens_bwd(group, lanes, res, cts):
     state, then run ``_dual_step_bwd`` from the group's last mini-batch to its first."""
     starts, xs, tok, ln_weight, ln_bias = res
     d_state, d_zbar = cts
-    lanes = _lane_slices(xs[0].shape[3], lanes)
+    lanes = lane_slices(xs[0].shape[3], lanes)
 
     def step_back(carry, inp):
         d_states, d_consts, d_xs = carry

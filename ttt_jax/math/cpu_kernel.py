@@ -1,0 +1,239 @@
+"""TTT-Linear's dual-form scan as one native kernel on the CPU (docs/architecture.md §1.6).
+
+XLA runs the scan of ``ttt_scan.py`` as a loop of a few dozen small ops per mini-batch, and on
+the CPU each op costs microseconds of dispatch besides its arithmetic. ``csrc/ttt_linear_cpu.cc``
+computes the same function in one call: one chain per (batch element, head), whose ``f x f``
+weights stay in the core's cache for the whole sequence, the chains spread over the cores.
+Its derivative is a second call that keeps the state every ``group`` mini-batches and
+recomputes the rest, as ``scan_tokens``' does.
+
+The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
+for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
+``~/.cache/ttt_jax/kernels``), keyed by the source, the compiler command, jax's version and
+the CPU. ``TTT_JAX_CPU_KERNEL``: ``0`` never uses it; ``1`` requires it (an error when it
+cannot be built); unset, it is used when it builds, with a warning once when it does not.
+It serves one inner layer (TTT-Linear), float32, on a single CPU device; everything else
+runs the XLA scan. ``TTT_JAX_CPU_THREADS`` caps its threads (default: the CPUs this process
+may run on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ENV = "TTT_JAX_CPU_KERNEL"
+SOURCE = Path(__file__).parent / "csrc" / "ttt_linear_cpu.cc"
+_FORWARD, _BACKWARD = "ttt_jax_linear_forward", "ttt_jax_linear_backward"
+
+_lock = threading.Lock()
+_loaded: dict = {}  # "lib" or "error" once a build was tried
+_off = threading.local()
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded (the message says why)."""
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX", "g++"))
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
+            "-I", jax.ffi.include_dir()]
+
+
+def _cpu_tag() -> str:
+    """What the machine code depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TTT_JAX_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ttt_jax" / "kernels"
+
+
+def build() -> Path:
+    """Compiles the kernel unless a build for this source, compiler and CPU is cached.
+
+    Returns the shared library's path. The library appears under its final name only when
+    complete (written beside it, then renamed), so concurrent builds cannot load half a file.
+    Raises ``KernelUnavailable`` with the compiler's message when the build fails.
+    """
+    cmd = _compiler() + _flags()
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(cmd).encode(), jax.__version__.encode(),
+                 _cpu_tag().encode()):
+        key.update(part)
+    out = cache_dir() / f"ttt_linear_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(cmd + [str(SOURCE), "-o", tmp, "-lpthread"], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd[:1])} exit "
+                                    f"status {proc.returncode}):\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    except FileNotFoundError as err:
+        raise KernelUnavailable(f"no C++ compiler {cmd[0]!r} (set CXX): {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load():
+    """Builds (once per process), loads and registers the kernel; raises ``KernelUnavailable``."""
+    with _lock:
+        if "lib" not in _loaded and "error" not in _loaded:
+            try:
+                lib = ctypes.cdll.LoadLibrary(str(build()))
+                jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.TttLinearForward),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TttLinearBackward),
+                                            platform="cpu")
+                _loaded["lib"] = lib
+            except (KernelUnavailable, OSError) as err:
+                _loaded["error"] = err
+        if "error" in _loaded:
+            err = _loaded["error"]
+            raise err if isinstance(err, KernelUnavailable) else KernelUnavailable(str(err))
+        return _loaded["lib"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this context (this thread), ``use_kernel`` is False: traces get the XLA scan."""
+    depth = getattr(_off, "depth", 0)
+    _off.depth = depth + 1
+    try:
+        yield
+    finally:
+        _off.depth = depth
+
+
+def use_kernel(state) -> bool:
+    """Whether the scan of ``state`` (a tuple of ``(W, bias)`` layers) runs in the kernel.
+
+    One inner layer of float32 weights, the CPU backend with a single device, ``TTT_JAX_CPU_KERNEL`` not ``0``,
+    outside ``disabled()``, and the kernel built.
+    """
+    mode = os.environ.get(ENV, "").strip()
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={mode!r}: expected 0 (off), 1 (required) or unset (auto)")
+    if mode == "0" or getattr(_off, "depth", 0) or len(state) != 1:
+        return False
+    if any(jnp.result_type(a) != jnp.float32 for a in jax.tree.leaves(state)):
+        return False
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    try:
+        load()
+    except KernelUnavailable as err:
+        if mode == "1":
+            raise
+        if not _loaded.get("warned"):
+            _loaded["warned"] = True
+            warnings.warn(f"TTT-Linear's CPU kernel is unavailable, using the XLA scan ({err}); "
+                          f"{ENV}=0 silences this", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def _threads() -> int:
+    env = os.environ.get("TTT_JAX_CPU_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"TTT_JAX_CPU_THREADS={env!r}: expected a positive integer")
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _spec(shape):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+def _f32(*xs):
+    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+
+
+def _forward(w, bias, xs, tok, ln_weight, ln_bias, group):
+    n = xs[0].shape[1]
+    ng = -(-n // group)
+    out = (_spec(w.shape), _spec(bias.shape), _spec(xs[0].shape), _spec((ng, *w.shape)),
+           _spec((ng, *bias.shape)))
+    call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")
+    return call(*_f32(w, bias, *xs, tok, ln_weight, ln_bias), group=np.int64(group),
+                threads=np.int64(_threads()))
+
+
+def _scan_plain(state, xs, tok, ln_weight, ln_bias, group):
+    (w, bias), = state
+    w1, b1, z, _, _ = _forward(w, bias, xs, tok, ln_weight, ln_bias, xs[0].shape[1])
+    return ((w1, b1),), z
+
+
+def _scan_fwd(state, xs, tok, ln_weight, ln_bias, group):
+    (w, bias), = state
+    w1, b1, z, w_starts, b_starts = _forward(w, bias, xs, tok, ln_weight, ln_bias, group)
+    res = (w_starts, b_starts, xs, tok, ln_weight, ln_bias)
+    return (((w1, b1),), z), res
+
+
+def _scan_bwd(group, res, cts):
+    w_starts, b_starts, xs, tok, ln_weight, ln_bias = res
+    (((dw, db),), dz) = cts
+    bsz, heads, f = w_starts.shape[1], w_starts.shape[2], w_starts.shape[-1]
+    b = tok.shape[0]
+    out = (_spec(w_starts.shape[1:]), _spec(b_starts.shape[1:]), *(_spec(x.shape) for x in xs),
+           _spec((bsz, heads, b)), _spec((bsz, heads, f)), _spec((bsz, heads, f)))
+    call = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")
+    dw0, db0, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb = call(
+        w_starts, b_starts, *_f32(*xs, tok, ln_weight, ln_bias, dw, db, dz),
+        group=np.int64(group), threads=np.int64(_threads()))
+    cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
+    d_xs = tuple(cast(d, x) for d, x in zip((dxq, dxk, dxv, dlr), xs))
+    return (((dw0, db0),), d_xs, cast(dtok.sum((0, 1)), tok),
+            cast(dlnw.sum(0).reshape(ln_weight.shape), ln_weight),
+            cast(dlnb.sum(0).reshape(ln_bias.shape), ln_bias))
+
+
+scan_linear = jax.custom_vjp(_scan_plain, nondiff_argnums=(5,))
+scan_linear.defvjp(_scan_fwd, _scan_bwd)
+scan_linear.__doc__ = """``ttt_scan.scan_tokens`` for one inner layer, in the native kernel.
+
+``scan_linear(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)``: ``state =
+((W [B, H, f, f], bias [B, H, 1, f]),)``, ``xs = (xq, xk, xv, lr)`` token-major
+``[B, n, b, H, f]`` (``lr: [B, n, b, H]``), ``tok: [b]``, ``ln_weight, ln_bias: [H, 1, f]``;
+the derivative keeps the state every ``group`` mini-batches. Call ``load()`` first (or let
+``use_kernel`` do it).
+"""
