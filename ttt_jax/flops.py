@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
+from ttt_jax.math import cpu_kernel
+
 # Dense bf16 peak TFLOP/s by device kind (a substring of ``jax.Device.device_kind``), first
 # match wins; the vendors' published figures without sparsity.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -77,8 +79,13 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def forward_flops(fn: Callable, *args: Any) -> float:
-    """FLOPs of the matrix products of ``fn(*args)``, traced with abstract values only."""
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args))
+    """FLOPs of the matrix products of ``fn(*args)``, traced with abstract values only.
+
+    Traced with TTT-Linear's CPU kernel off (``cpu_kernel.disabled``): its products are inside
+    one opaque call, so the trace takes the XLA scan, whose products are the same.
+    """
+    with cpu_kernel.disabled():
+        return jaxpr_flops(jax.make_jaxpr(fn)(*args))
 
 
 def train_flops_per_token(apply_fn: Callable, params, tokens) -> float:
