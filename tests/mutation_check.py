@@ -40,6 +40,7 @@ class Mutation:
 
 
 CORRECTNESS = ("tests/test_ttt_correctness.py",)
+KERNEL = "tests/test_cpu_kernel.py"
 # The per-token step weights eta = tril(tok lr^T) of the forward step's masks
 # M_i = eta * (xbar_i a_i^T + 1) (``dual_outputs``; the derivative has its own copy).
 DUAL_MASK = r"re:eta = jnp\.tril\((tok\[:, None\] \* lr\[\.\.\., None, :\])\)(  # \[B, H, b, b\]\n    xbar = xq)"
@@ -77,13 +78,28 @@ MUTATIONS = [
              "scan: a deferred update (TTT-Linear) is not applied after each group's last step",
              "ttt_jax/math/ttt_scan.py",
              (("    return _pending(states, deltas), z_bar", "    return states, z_bar"),),
-             CORRECTNESS + ("tests/test_ttt_vjp.py",)),
+             CORRECTNESS + ("tests/test_ttt_vjp.py", KERNEL)),
     Mutation("deferred_update_skipped_in_recomputation",
              "scan: the backward's recomputation never applies the deferred update",
              "ttt_jax/math/ttt_scan.py",
              (("        states = _pending(states, deltas)  # the update the previous mini-batch",
                "        pass  # the update the previous mini-batch"),),
-             ("tests/test_ttt_vjp.py",)),
+             ("tests/test_ttt_vjp.py", KERNEL)),
+    Mutation("cpu_kernel_no_tril", "TTT-Linear's CPU kernel: the forward's mask without its tril",
+             "ttt_jax/math/csrc/ttt_linear_cpu.cc",
+             (("M[i * b + j] = j <= i ? -tk[i]", "M[i * b + j] = true ? -tk[i]"),),
+             (KERNEL,)),
+    Mutation("cpu_kernel_dtok_from_masks_dropped",
+             "TTT-Linear's CPU kernel: the derivative drops the masks' part of d tok",
+             "ttt_jax/math/csrc/ttt_linear_cpu.cc",
+             (("            dtk[i] += deta * lr_row[j];\n", ""),),
+             (KERNEL,)),
+    Mutation("cpu_kernel_recompute_skips_update",
+             "TTT-Linear's CPU kernel: the derivative recomputes a group's states without updates",
+             "ttt_jax/math/csrc/ttt_linear_cpu.cc",
+             (("          update(W + ff, bias + f, KT.data(), w.G.data(), lr_row.data(), tok_last, b, f,\n"
+               "                 w.EG.data());\n", ""),),
+             (KERNEL,)),
     Mutation("fused_head_grad_unmasked", "the fused LM head's gradient ignores the token mask",
              "ttt_jax/math/cross_entropy.py",
              (("dlogits.at[jnp.arange(tc.shape[0]), tc].add(-1.0) * mc[:, None]",
