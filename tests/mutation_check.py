@@ -97,8 +97,8 @@ MUTATIONS = [
     Mutation("cpu_kernel_recompute_skips_update",
              "TTT-Linear's CPU kernel: the derivative recomputes a group's states without updates",
              "ttt_jax/math/csrc/ttt_linear_cpu.cc",
-             (("          update(W + ff, bias + f, KT.data(), w.G.data(), lr_row.data(), tok_last, b, f,\n"
-               "                 w.EG.data());\n", ""),),
+             (("        if (t + 1 < t1)\n          update(W.data()",
+               "        if (false)\n          update(W.data()"),),
              (KERNEL,)),
     Mutation("fused_head_grad_unmasked", "the fused LM head's gradient ignores the token mask",
              "ttt_jax/math/cross_entropy.py",

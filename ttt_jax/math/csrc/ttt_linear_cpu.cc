@@ -41,13 +41,24 @@ struct Dims {
   }
 };
 
+// Copies b rows of f floats from rows `from` apart to rows `to` apart.
+inline void copy_rows(const float* __restrict src, int64_t from, int64_t b, int64_t f,
+                      float* __restrict dst, int64_t to) {
+  for (int64_t i = 0; i < b; ++i) {
+    const float* __restrict x = src + i * from;
+    float* __restrict y = dst + i * to;
+#pragma omp simd
+    for (int64_t k = 0; k < f; ++k) y[k] = x[k];
+  }
+}
+
 // Loads b rows of f floats that lie `stride` apart into a dense [b, f] block.
 inline void load_rows(const float* src, int64_t stride, int64_t b, int64_t f, float* dst) {
-  for (int64_t i = 0; i < b; ++i) std::memcpy(dst + i * f, src + i * stride, f * sizeof(float));
+  copy_rows(src, stride, b, f, dst, f);
 }
 
 inline void store_rows(const float* src, int64_t b, int64_t f, float* dst, int64_t stride) {
-  for (int64_t i = 0; i < b; ++i) std::memcpy(dst + i * stride, src + i * f, f * sizeof(float));
+  copy_rows(src, f, b, f, dst, stride);
 }
 
 // 16 floats: one AVX-512 register, or two AVX2 ones (gcc's vector extension; unaligned).
@@ -165,21 +176,21 @@ inline float ln_l2_grad(const float* z, const float* t, const float* w, const fl
 
 // Scratch of one thread.
 struct Work {
-  std::vector<float> K, Q, T, Z, G, Zq, sim, EG, xh, g, scratch;
+  std::vector<float> K, Q, T, Z, G, Zq, EG, XH, Gx, R, C, lr;
   explicit Work(int64_t b, int64_t f)
-      : K(b * f), Q(b * f), T(b * f), Z(b * f), G(b * f), Zq(b * f), sim(b * b), EG(b * f),
-        xh(f), g(f), scratch(b * f) {}
+      : K(b * f), Q(b * f), T(b * f), Z(b * f), G(b * f), Zq(b * f), EG(b * f), XH(b * f),
+        Gx(b * f), R(b), C(b), lr(b) {}
 };
 
 // Keys of one mini-batch at (W, bias): Z = K W + bias, G = the LN-L2 gradient (rows of Z
-// against T = V - K). K, T must be loaded.
+// against T = V - K), with each row's x_hat (XH), g (Gx), 1/std (R) and mean(g x_hat) (C).
 inline void keys(const float* W, const float* bias, const float* lnw, const float* lnb,
                  int64_t b, int64_t f, const float* K, const float* T, float* Z, float* G,
-                 float* xh, float* g) {
+                 float* XH, float* Gx, float* R, float* C) {
   mm_bias(K, b, f, W, f, bias, Z);
-  float c;
   for (int64_t i = 0; i < b; ++i)
-    ln_l2_grad(Z + i * f, T + i * f, lnw, lnb, f, xh, g, G + i * f, &c);
+    R[i] = ln_l2_grad(Z + i * f, T + i * f, lnw, lnb, f, XH + i * f, Gx + i * f, G + i * f,
+                      C + i);
 }
 
 // W -= K^T (e G), bias -= sum_j e_j G_j; e_j = tok_last * lr_j.
@@ -194,13 +205,17 @@ inline void update(float* W, float* bias, const float* KT, const float* G, const
     for (int64_t k = 0; k < f; ++k) bias[k] += EG[j * f + k];
 }
 
+// Mini-batch t of chain (bi, h): K, Q, T = V - K as dense [b, f] blocks, and its lr.
 void load_frame(const Dims& d, const float* xq, const float* xk, const float* xv,
-                const float* lr, int64_t bi, int64_t t, int64_t h, Work& w, float* lr_row) {
+                const float* lr, int64_t bi, int64_t t, int64_t h, float* K, float* Q,
+                float* T, float* lr_row) {
   const int64_t s = d.x_tok(), b = d.b, f = d.f;
-  load_rows(d.x_at(xk, bi, t, h), s, b, f, w.K.data());
-  load_rows(d.x_at(xq, bi, t, h), s, b, f, w.Q.data());
-  load_rows(d.x_at(xv, bi, t, h), s, b, f, w.T.data());
-  for (int64_t i = 0; i < b * f; ++i) w.T[i] -= w.K[i];
+  load_rows(d.x_at(xk, bi, t, h), s, b, f, K);
+  load_rows(d.x_at(xq, bi, t, h), s, b, f, Q);
+  const float* v = d.x_at(xv, bi, t, h);
+  for (int64_t i = 0; i < b; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < f; ++k) T[i * f + k] = v[i * s + k] - K[i * f + k];
   const float* l = d.lr_at(lr, bi, t, h);
   for (int64_t i = 0; i < b; ++i) lr_row[i] = l[i * d.H];
 }
@@ -253,9 +268,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
         std::memcpy(b_starts->typed_data() + (s * d.B * d.H + c) * f, bias, f * sizeof(float));
       }
       load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
-                 h, w, lr_row.data());
-      keys(W, bias, nw, nb, b, f, w.K.data(), w.T.data(), w.Z.data(), w.G.data(), w.xh.data(),
-           w.g.data());
+                 h, w.K.data(), w.Q.data(), w.T.data(), lr_row.data());
+      keys(W, bias, nw, nb, b, f, w.K.data(), w.T.data(), w.Z.data(), w.G.data(), w.XH.data(),
+           w.Gx.data(), w.R.data(), w.C.data());
       mm_bias(w.Q.data(), b, f, W, f, bias, w.Zq.data());
       transpose(w.K.data(), b, f, KT.data());
       std::fill(M.begin(), M.end(), 0.f);
@@ -322,14 +337,16 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
   const float tok_last = tk[b - 1];
   parallel_chains(chains, threads, [&](int64_t c) {
     const int64_t bi = c / d.H, h = c % d.H;
-    Work w(b, f);
     const int64_t bf = b * f, ff = f * f;
-    std::vector<float> lr_row(b), KT(f * b), QT(f * b), GT(f * b), WT(ff), dWnT(ff);
+    std::vector<float> QT(f * b), GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
     std::vector<float> S(b * b), M(b * b), MT(b * b), DM(b * b), DS(b * b), DST(b * b);
     std::vector<float> adw(bf), dG(bf), EG(bf), da(bf), dq(bf), dz(bf), dZ(bf), dT(bf);
-    std::vector<float> XH(bf), Gx(bf), R(b), C(b), u(f), dxh(f);
-    // The group's recomputed states and pre-LN key outputs.
-    std::vector<float> Ws(group * ff), bs(group * f), Zs(group * bf);
+    std::vector<float> u(f), dxh(f);
+    // Per mini-batch of the group being differentiated: its inputs, its start state
+    // (transposed: the derivative reads W only as W^T) and its keys' LN-L2 gradients.
+    std::vector<float> Ks(group * bf), KTs(group * bf), Qs(group * bf), Ts(group * bf);
+    std::vector<float> lrs(group * b), WTs(group * ff), Gs(group * bf), XHs(group * bf);
+    std::vector<float> Gxs(group * bf), Rs(group * b), Cs(group * b);
     float* dW = dw0->typed_data() + c * ff;  // carried cotangent of the state
     float* dbias = db0->typed_data() + c * f;
     std::memcpy(dW, dw_end.typed_data() + c * ff, ff * sizeof(float));
@@ -345,42 +362,32 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     for (int64_t s = ng - 1; s >= 0; --s) {
       const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
       // Recompute the group's states forward from its kept start.
-      std::memcpy(Ws.data(), w_starts.typed_data() + (s * chains + c) * ff, ff * sizeof(float));
-      std::memcpy(bs.data(), b_starts.typed_data() + (s * chains + c) * f, f * sizeof(float));
+      std::memcpy(W.data(), w_starts.typed_data() + (s * chains + c) * ff, ff * sizeof(float));
+      std::memcpy(bias.data(), b_starts.typed_data() + (s * chains + c) * f, f * sizeof(float));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k = t - t0;
-        float* W = Ws.data() + k * ff;
-        float* bias = bs.data() + k * f;
+        float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf, *T = Ts.data() + k * bf;
+        float *G = Gs.data() + k * bf, *lr_k = lrs.data() + k * b;
         load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
-                   t, h, w, lr_row.data());
-        keys(W, bias, nw, nb, b, f, w.K.data(), w.T.data(), Zs.data() + k * bf, w.G.data(),
-             w.xh.data(), w.g.data());
-        if (t + 1 < t1) {
-          std::memcpy(W + ff, W, ff * sizeof(float));
-          std::memcpy(bias + f, bias, f * sizeof(float));
-          transpose(w.K.data(), b, f, KT.data());
-          update(W + ff, bias + f, KT.data(), w.G.data(), lr_row.data(), tok_last, b, f,
-                 w.EG.data());
-        }
+                   t, h, K, Qs.data() + k * bf, T, lr_k);
+        keys(W.data(), bias.data(), nw, nb, b, f, K, T, Z.data(), G, XHs.data() + k * bf,
+             Gxs.data() + k * bf, Rs.data() + k * b, Cs.data() + k * b);
+        transpose(W.data(), f, f, WTs.data() + k * ff);
+        transpose(K, b, f, KT);
+        if (t + 1 < t1)
+          update(W.data(), bias.data(), KT, G, lr_k, tok_last, b, f, EGu.data());
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         const int64_t k = t - t0;
-        const float* W = Ws.data() + k * ff;
-        const float* Z = Zs.data() + k * bf;
-        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
-                   t, h, w, lr_row.data());
-        const float* K = w.K.data();
-        const float* Q = w.Q.data();
-        const float* T = w.T.data();
+        const float* WT = WTs.data() + k * ff;
+        const float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf;
+        const float *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+        const float *G = Gs.data() + k * bf, *XH = XHs.data() + k * bf;
+        const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
+        const float* lr_row = lrs.data() + k * b;
         load_rows(d.x_at(dzb.typed_data(), bi, t, h), d.x_tok(), b, f, dz.data());
-        float* G = w.G.data();
-        for (int64_t i = 0; i < b; ++i)
-          R[i] = ln_l2_grad(Z + i * f, T + i * f, nw, nb, f, XH.data() + i * f,
-                            Gx.data() + i * f, G + i * f, &C[i]);
-        transpose(K, b, f, KT.data());
         transpose(Q, b, f, QT.data());
         transpose(G, b, f, GT.data());
-        transpose(W, f, f, WT.data());
         transpose(dW, f, f, dWnT.data());
         // The update W' = W - K^T (e G), bias' = bias - e G, read with the next cotangent.
         mm_bias(K, b, f, dW, f, dbias, adw.data());
@@ -401,7 +408,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
         mm_acc(EG.data(), b, f, dWnT.data(), f, da.data());
         // The queries: zbar = Q W + bias - M G, M = tril(tok lr^T) * (Q K^T + 1).
         std::fill(S.begin(), S.end(), 0.f);
-        mm_acc(Q, b, f, KT.data(), b, S.data());
+        mm_acc(Q, b, f, KT, b, S.data());
         std::fill(DM.begin(), DM.end(), 0.f);
         mm_acc(dz.data(), b, f, GT.data(), b, DM.data());  // -dM
         for (int64_t i = 0; i < b; ++i)
@@ -419,18 +426,18 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
           }
         mm_acc(MT.data(), b, b, dz.data(), f, dG.data());
         std::fill(dq.begin(), dq.end(), 0.f);
-        mm_acc(dz.data(), b, f, WT.data(), f, dq.data());
+        mm_acc(dz.data(), b, f, WT, f, dq.data());
         mm_acc(DS.data(), b, b, K, f, dq.data());
         mm_acc(DST.data(), b, b, Q, f, da.data());
         // The keys: Z = K W + bias, G = the LN-L2 gradient of Z against T = V - K.
         for (int64_t j = 0; j < b; ++j)
-          ln_l2_grad_vjp(dG.data() + j * f, G + j * f, XH.data() + j * f, Gx.data() + j * f,
+          ln_l2_grad_vjp(dG.data() + j * f, G + j * f, XH + j * f, Gx + j * f,
                          R[j], C[j], T + j * f, nw, nb, f, u.data(), dxh.data(),
                          dZ.data() + j * f, dT.data() + j * f, dnw, dnb);
-        mm_acc(dZ.data(), b, f, WT.data(), f, da.data());
+        mm_acc(dZ.data(), b, f, WT, f, da.data());
         // The step's own cotangent of its start state, added to the carried one.
         mm_acc(QT.data(), f, b, dz.data(), f, dW);
-        mm_acc(KT.data(), f, b, dZ.data(), f, dW);
+        mm_acc(KT, f, b, dZ.data(), f, dW);
         for (int64_t j = 0; j < b; ++j)
           for (int64_t q = 0; q < f; ++q) dbias[q] += dz[j * f + q] + dZ[j * f + q];
         for (int64_t i = 0; i < bf; ++i) da[i] -= dT[i];  // dK = da - dT (T = V - K)
