@@ -1,7 +1,8 @@
-"""TTT-Linear's native CPU kernel (``ttt_jax/math/cpu_kernel.py``, ``csrc/ttt_linear_cpu.cc``).
+"""The native CPU kernels (``ttt_jax/math/cpu_kernel.py``, ``csrc/ttt_linear_cpu.cc``):
+TTT-Linear's scan and its derivative, TTT-MLP's forward.
 
-Its outputs against the float64 numpy primal form (``tests/reference.py``) and its derivative
-against autodiff of the plain dual form, at sizes that take the kernel's vector paths (f and b
+Their outputs against the float64 numpy primal form (``tests/reference.py``) and the
+derivatives against autodiff of the plain dual form, for both inner models, at sizes that take the kernel's vector paths (f and b
 multiples of 16) and its scalar ones (f = 8, b = 4, a final partial mini-batch), with groups
 that do and do not divide the mini-batch count; the XLA scan it replaces is checked the same
 way with the kernel switched off. Also: how it is chosen, and its errors.
@@ -26,10 +27,12 @@ from ttt_jax.math.ttt import ttt_dual
 SIZES = [(1, 2, 16, 16, 80, 2), (2, 2, 8, 4, 14, 3)]
 
 
-def _inputs(bsz, heads, f, b, length, seed):
+def _inputs(bsz, heads, f, b, length, seed, kind="linear"):
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
     normal = lambda shape, scale: scale * jax.random.normal(next(keys), shape)  # noqa: E731
-    params = ((normal((heads, f, f), 0.3), normal((heads, 1, f), 0.1)),)
+    widths = (f, f) if kind == "linear" else (f, 4 * f, f)
+    params = tuple((normal((heads, widths[i], widths[i + 1]), 0.3),
+                    normal((heads, 1, widths[i + 1]), 0.1)) for i in range(len(widths) - 1))
     xq, xk, xv = (normal((bsz, heads, length, f), 1.0) for _ in range(3))
     lr = 0.5 * jax.nn.sigmoid(normal((bsz, heads, length), 1.0))
     return (params, xq, xk, xv, lr, normal((b,), 0.1), 1.0 + normal((heads, f), 0.1),
@@ -53,10 +56,11 @@ def _grads(loss, args, kernel):
         return fn(*args)
 
 
-def test_the_kernel_is_built_and_chosen_for_ttt_linear_on_the_cpu():
+def test_the_kernel_is_built_and_chosen_on_the_cpu():
     state = ((jnp.zeros((1, 2, 8, 8)), jnp.zeros((1, 2, 1, 8))),)
     assert cpu_kernel.use_kernel(state), "the kernel did not build here"
-    assert not cpu_kernel.use_kernel(state + state), "TTT-MLP has no kernel"
+    assert cpu_kernel.use_kernel(state + state)
+    assert not cpu_kernel.use_kernel(state * 3), "no kernel for three inner layers"
     assert not cpu_kernel.use_kernel(jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
     with cpu_kernel.disabled():
         assert not cpu_kernel.use_kernel(state)
@@ -67,10 +71,11 @@ def test_the_kernel_is_built_and_chosen_for_ttt_linear_on_the_cpu():
     assert "ttt_jax_linear_forward" not in jaxpr
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("size", SIZES, ids=["vector", "scalar"])
-def test_kernel_outputs_match_the_primal_reference(size):
+def test_kernel_outputs_match_the_primal_reference(size, kind):
     bsz, heads, f, b, length, _ = size
-    args = _inputs(bsz, heads, f, b, length, seed=f)
+    args = _inputs(bsz, heads, f, b, length, seed=f, kind=kind)
     out, state = jax.jit(ttt_dual)(*args)
     want, want_state = ref.inner_loop(*args)
     assert np.max(np.abs(np.asarray(out, np.float64) - want)) <= 1e-5 * np.max(np.abs(want))
@@ -78,11 +83,12 @@ def test_kernel_outputs_match_the_primal_reference(size):
         assert np.max(np.abs(np.asarray(got, np.float64) - exp)) <= 1e-5 * np.max(np.abs(exp))
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla-scan"])
+@pytest.mark.parametrize("kind,kernel", [("linear", True), ("linear", False), ("mlp", True)],
+                         ids=["linear-kernel", "linear-xla-scan", "mlp-kernel"])
 @pytest.mark.parametrize("size", SIZES, ids=["vector", "scalar"])
-def test_hand_derivative_matches_autodiff(size, kernel):
+def test_hand_derivative_matches_autodiff(size, kind, kernel):
     bsz, heads, f, b, length, group = size
-    args = _inputs(bsz, heads, f, b, length, seed=3 * f + b)
+    args = _inputs(bsz, heads, f, b, length, seed=3 * f + b, kind=kind)
     w_out = jnp.cos(jnp.arange(bsz * heads * length * f, dtype=jnp.float32))
     w_out = w_out.reshape(bsz, heads, length, f)
     hand = _grads(_loss(group, True, w_out), args, kernel)

@@ -38,6 +38,7 @@ import numpy as np
 ENV = "TTT_JAX_CPU_KERNEL"
 SOURCE = Path(__file__).parent / "csrc" / "ttt_linear_cpu.cc"
 _FORWARD, _BACKWARD = "ttt_jax_linear_forward", "ttt_jax_linear_backward"
+_MLP_FORWARD, _MLP_BACKWARD = "ttt_jax_mlp_forward", "ttt_jax_mlp_backward"
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "lib" or "error" once a build was tried
@@ -118,6 +119,10 @@ def load():
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TttLinearBackward),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(_MLP_FORWARD, jax.ffi.pycapsule(lib.TttMlpForward),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target(_MLP_BACKWARD, jax.ffi.pycapsule(lib.TttMlpBackward),
+                                            platform="cpu")
                 _loaded["lib"] = lib
             except (KernelUnavailable, OSError) as err:
                 _loaded["error"] = err
@@ -141,13 +146,14 @@ def disabled():
 def use_kernel(state) -> bool:
     """Whether the scan of ``state`` (a tuple of ``(W, bias)`` layers) runs in the kernel.
 
-    One inner layer of float32 weights, the CPU backend with a single device, ``TTT_JAX_CPU_KERNEL`` not ``0``,
+    One inner layer (TTT-Linear) or two (TTT-MLP) of float32 weights, the CPU backend with a
+    single device, ``TTT_JAX_CPU_KERNEL`` not ``0``,
     outside ``disabled()``, and the kernel built.
     """
     mode = os.environ.get(ENV, "").strip()
     if mode not in ("", "0", "1"):
         raise ValueError(f"{ENV}={mode!r}: expected 0 (off), 1 (required) or unset (auto)")
-    if mode == "0" or getattr(_off, "depth", 0) or len(state) != 1:
+    if mode == "0" or getattr(_off, "depth", 0) or len(state) not in (1, 2):
         return False
     if any(jnp.result_type(a) != jnp.float32 for a in jax.tree.leaves(state)):
         return False
@@ -236,4 +242,58 @@ scan_linear.__doc__ = """``ttt_scan.scan_tokens`` for one inner layer, in the na
 ``[B, n, b, H, f]`` (``lr: [B, n, b, H]``), ``tok: [b]``, ``ln_weight, ln_bias: [H, 1, f]``;
 the derivative keeps the state every ``group`` mini-batches. Call ``load()`` first (or let
 ``use_kernel`` do it).
+"""
+
+
+def _mlp_forward(state, xs, tok, ln_weight, ln_bias, group):
+    leaves = [a for layer in state for a in layer]
+    n = xs[0].shape[1]
+    ng = -(-n // group)
+    out = (*(_spec(a.shape) for a in leaves), _spec(xs[0].shape),
+           *(_spec((ng, *a.shape)) for a in leaves))
+    call = jax.ffi.ffi_call(_MLP_FORWARD, out, vmap_method="sequential")
+    res = call(*_f32(*leaves, *xs, tok, ln_weight, ln_bias), group=np.int64(group),
+               threads=np.int64(_threads()))
+    end, z, starts = res[:4], res[4], res[5:]
+    pair = lambda a: ((a[0], a[1]), (a[2], a[3]))  # noqa: E731
+    return pair(end), z, pair(starts)
+
+
+def _mlp_fwd(state, xs, tok, ln_weight, ln_bias, group):
+    end, z, starts = _mlp_forward(state, xs, tok, ln_weight, ln_bias, group)
+    return (end, z), (starts, xs, tok, ln_weight, ln_bias)
+
+
+def _mlp_bwd(group, res, cts):
+    starts, xs, tok, ln_weight, ln_bias = res
+    d_end, dz = cts
+    leaves = [a for layer in starts for a in layer]
+    d_leaves = [a for layer in d_end for a in layer]
+    bsz, heads, f = leaves[0].shape[1], leaves[0].shape[2], leaves[0].shape[3]
+    b = tok.shape[0]
+    out = (*(_spec(a.shape[1:]) for a in leaves), *(_spec(x.shape) for x in xs),
+           _spec((bsz, heads, b)), _spec((bsz, heads, f)), _spec((bsz, heads, f)))
+    call = jax.ffi.ffi_call(_MLP_BACKWARD, out, vmap_method="sequential")
+    res = call(*leaves, *_f32(*xs, tok, ln_weight, ln_bias, *d_leaves, dz),
+               group=np.int64(group), threads=np.int64(_threads()))
+    dw1, db1, dw2, db2, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb = res
+    cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
+    d_xs = tuple(cast(d, x) for d, x in zip((dxq, dxk, dxv, dlr), xs))
+    return (((dw1, db1), (dw2, db2)), d_xs, cast(dtok.sum((0, 1)), tok),
+            cast(dlnw.sum(0).reshape(ln_weight.shape), ln_weight),
+            cast(dlnb.sum(0).reshape(ln_bias.shape), ln_bias))
+
+
+def _mlp_plain(state, xs, tok, ln_weight, ln_bias, group):
+    end, z, _ = _mlp_forward(state, xs, tok, ln_weight, ln_bias, xs[0].shape[1])
+    return end, z
+
+
+scan_mlp = jax.custom_vjp(_mlp_plain, nondiff_argnums=(5,))
+scan_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+scan_mlp.__doc__ = """``ttt_scan.scan_tokens`` for TTT-MLP (``f -> h -> f``), in the native kernel.
+
+``scan_mlp(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)``, ``state =
+((W1 [B, H, f, h], b1 [B, H, 1, h]), (W2 [B, H, h, f], b2 [B, H, 1, f]))``, the rest as
+``scan_linear``.
 """

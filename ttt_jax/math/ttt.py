@@ -85,8 +85,10 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     if hand_vjp:
         lane_slices(xs[0].shape[3], lanes)  # a bad ``lanes`` is an error whichever scan runs
         if cpu_kernel.use_kernel(state):
-            return cpu_kernel.scan_linear(state, xs, tok, ln_weight, ln_bias,
-                                          min(max(group, 1), n))
+            group = min(max(group, 1), n)
+            if len(state) == 1:
+                return cpu_kernel.scan_linear(state, xs, tok, ln_weight, ln_bias, group)
+            return cpu_kernel.scan_mlp(state, xs, tok, ln_weight, ln_bias, group)
         return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n), lanes)
     xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 

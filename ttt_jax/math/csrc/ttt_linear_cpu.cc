@@ -67,56 +67,51 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
-// C += A M with A: [rows, inner], M: [inner, cols], C: [rows, cols], all dense row-major.
-// Columns in registers of 16, four rows at a time when cols is 16 or 64 (the usual sizes).
-template <int V>  // cols / 16
+// C += A M on a block of 16 V columns: A: [rows, inner], M: rows `ld` apart, C: rows `ld`
+// apart (M and C point at the block's first column). Four rows at a time in registers.
+template <int V>
 inline void mm_acc_v(const float* __restrict A, int64_t rows, int64_t inner,
-                     const float* __restrict M, float* __restrict C) {
-  constexpr int64_t cols = 16 * V;
+                     const float* __restrict M, float* __restrict C, int64_t ld) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     v16 acc[4][V];
     for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < V; ++v) acc[q][v] = load16(C + (r + q) * cols + 16 * v);
+      for (int v = 0; v < V; ++v) acc[q][v] = load16(C + (r + q) * ld + 16 * v);
     for (int64_t k = 0; k < inner; ++k) {
       v16 m[V];
-      for (int v = 0; v < V; ++v) m[v] = load16(M + k * cols + 16 * v);
+      for (int v = 0; v < V; ++v) m[v] = load16(M + k * ld + 16 * v);
       for (int q = 0; q < 4; ++q) {
         const float a = A[(r + q) * inner + k];
         for (int v = 0; v < V; ++v) acc[q][v] += a * m[v];
       }
     }
     for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < V; ++v) store16(C + (r + q) * cols + 16 * v, acc[q][v]);
+      for (int v = 0; v < V; ++v) store16(C + (r + q) * ld + 16 * v, acc[q][v]);
   }
   for (; r < rows; ++r) {
     v16 acc[V];
-    for (int v = 0; v < V; ++v) acc[v] = load16(C + r * cols + 16 * v);
+    for (int v = 0; v < V; ++v) acc[v] = load16(C + r * ld + 16 * v);
     for (int64_t k = 0; k < inner; ++k) {
       const float a = A[r * inner + k];
-      for (int v = 0; v < V; ++v) acc[v] += a * load16(M + k * cols + 16 * v);
+      for (int v = 0; v < V; ++v) acc[v] += a * load16(M + k * ld + 16 * v);
     }
-    for (int v = 0; v < V; ++v) store16(C + r * cols + 16 * v, acc[v]);
+    for (int v = 0; v < V; ++v) store16(C + r * ld + 16 * v, acc[v]);
   }
 }
 
+// C += A M with A: [rows, inner], M: [inner, cols], C: [rows, cols], all dense row-major:
+// blocks of 64 columns, then of 16, then one column at a time.
 inline void mm_acc(const float* __restrict A, int64_t rows, int64_t inner,
                    const float* __restrict M, int64_t cols, float* __restrict C) {
-  switch (cols) {
-    case 16: return mm_acc_v<1>(A, rows, inner, M, C);
-    case 32: return mm_acc_v<2>(A, rows, inner, M, C);
-    case 64: return mm_acc_v<4>(A, rows, inner, M, C);
-    default: break;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* __restrict c = C + r * cols;
+  int64_t j = 0;
+  for (; j + 64 <= cols; j += 64) mm_acc_v<4>(A, rows, inner, M + j, C + j, cols);
+  for (; j + 16 <= cols; j += 16) mm_acc_v<1>(A, rows, inner, M + j, C + j, cols);
+  if (j == cols) return;
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < inner; ++k) {
       const float s = A[r * inner + k];
-      const float* __restrict m = M + k * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) c[j] += s * m[j];
+      for (int64_t q = j; q < cols; ++q) C[r * cols + q] += s * M[k * cols + q];
     }
-  }
 }
 
 // C = rows of init (a [cols] row) + A M.
@@ -145,6 +140,97 @@ inline float mean(const float* __restrict x, int64_t f) {
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < f; ++k) s += x[k];
   return s / static_cast<float>(f);
+}
+
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp(x) for |x| <= 20: 2^k e^r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7).
+inline v16 exp16(v16 x) {
+  const v16 kf = __builtin_convertvector(
+      __builtin_convertvector(x * 1.44269504f + 64.5f, vi16) - 64, v16);  // round(x / ln2)
+  const v16 r = (x - kf * 0.693145752f) - kf * 1.42860677e-6f;
+  v16 p = 1.f / 5040.f + r * 0.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi16 bits = (__builtin_convertvector(kf, vi16) + 127) << 23;
+  return p * reinterpret_cast<const v16&>(bits);
+}
+
+// tanh(y) = (e^{2y} - 1) / (e^{2y} + 1), y clamped to [-9, 9] (tanh is +-1 in float beyond).
+inline v16 tanh16(v16 y) {
+  y = y < -9.f ? -9.f + y * 0.f : y;
+  y = y > 9.f ? 9.f + y * 0.f : y;
+  const v16 e = exp16(2.f * y);
+  return (e - 1.f) / (e + 1.f);
+}
+
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+
+// a = gelu_tanh(z) and, when gp is not null, gp = gelu_tanh'(z), for n values.
+inline void gelu(const float* __restrict z, int64_t n, float* __restrict a,
+                 float* __restrict gp) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 x = load16(z + i);
+    const v16 t = tanh16(kGeluC * (x + kGeluA * x * x * x));
+    store16(a + i, 0.5f * x * (1.f + t));
+    if (gp)
+      store16(gp + i, 0.5f * (1.f + t) +
+                          0.5f * x * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluA * x * x));
+  }
+  for (; i < n; ++i) {
+    const float x = z[i], t = std::tanh(kGeluC * (x + kGeluA * x * x * x));
+    a[i] = 0.5f * x * (1.f + t);
+    if (gp) gp[i] = 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluA * x * x);
+  }
+}
+
+
+// gelu_tanh''(z) = (1 - t^2) (u' + 3 a c z^2 - z t u'^2), t = tanh(u), u = c (z + a z^3),
+// u' = c (1 + 3 a z^2); out = gelu_tanh''(z) * x * y for n values.
+inline void gelu_dd_times(const float* __restrict z, const float* __restrict x,
+                          const float* __restrict y, int64_t n, float* __restrict out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 v = load16(z + i);
+    const v16 t = tanh16(kGeluC * (v + kGeluA * v * v * v));
+    const v16 du = kGeluC * (1.f + 3.f * kGeluA * v * v);
+    const v16 dd = (1.f - t * t) * (du + 3.f * kGeluA * kGeluC * v * v - v * t * du * du);
+    store16(out + i, dd * load16(x + i) * load16(y + i));
+  }
+  for (; i < n; ++i) {
+    const float v = z[i], t = std::tanh(kGeluC * (v + kGeluA * v * v * v));
+    const float du = kGeluC * (1.f + 3.f * kGeluA * v * v);
+    out[i] = (1.f - t * t) * (du + 3.f * kGeluA * kGeluC * v * v - v * t * du * du) * x[i] * y[i];
+  }
+}
+
+// C += X^T Y over the rows: X: [rows, m], Y: [rows, n], C: [m, n].
+inline void tn_acc(const float* __restrict X, int64_t rows, int64_t m,
+                   const float* __restrict Y, int64_t n, float* __restrict C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict y = Y + r * n;
+    for (int64_t k = 0; k < m; ++k) {
+      const float s = X[r * m + k];
+      float* __restrict c = C + k * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) c[j] += s * y[j];
+    }
+  }
+}
+
+// out[j] += sum over the rows of X: [rows, n].
+inline void col_sums(const float* __restrict X, int64_t rows, int64_t n, float* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += X[r * n + j];
 }
 
 constexpr float kEps = 1e-6f;  // ttt_norm's eps (layernorm.TTT_NORM_EPS)
@@ -450,6 +536,340 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
   return ffi::Error::Success();
 }
 
+
+// TTT-MLP's forward (f -> h -> f, gelu_tanh between): the math of ttt_step.dual_delta for two
+// layers. Outputs as Forward's, for both layers; the group starts of each leaf.
+ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
+                      ffi::Buffer<ffi::F32> w2_0, ffi::Buffer<ffi::F32> b2_0,
+                      ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
+                      ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
+                      ffi::Buffer<ffi::F32> tok, ffi::Buffer<ffi::F32> lnw,
+                      ffi::Buffer<ffi::F32> lnb, int64_t group, int64_t threads,
+                      ffi::ResultBuffer<ffi::F32> w1_out, ffi::ResultBuffer<ffi::F32> b1_out,
+                      ffi::ResultBuffer<ffi::F32> w2_out, ffi::ResultBuffer<ffi::F32> b2_out,
+                      ffi::ResultBuffer<ffi::F32> z_out, ffi::ResultBuffer<ffi::F32> w1_starts,
+                      ffi::ResultBuffer<ffi::F32> b1_starts,
+                      ffi::ResultBuffer<ffi::F32> w2_starts,
+                      ffi::ResultBuffer<ffi::F32> b2_starts) {
+  auto xd = xq.dimensions();
+  if (xd.size() != 5) return ffi::Error::InvalidArgument("xq must be [B, n, b, H, f]");
+  const Dims d{xd[0], xd[1], xd[2], xd[3], xd[4]};
+  if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
+  auto wd = w1_0.dimensions();
+  if (wd.size() != 4 || wd[2] != d.f) return ffi::Error::InvalidArgument("W1 must be [B, H, f, h]");
+  const int64_t b = d.b, f = d.f, h = wd[3], fh = f * h, chains = d.B * d.H;
+  const float* tk = tok.typed_data();
+  const float tok_last = tk[b - 1];
+  parallel_chains(chains, threads, [&](int64_t c) {
+    const int64_t bi = c / d.H, hd = c % d.H;
+    std::vector<float> K(b * f), Q(b * f), T(b * f), lr_row(b), KT(f * b);
+    std::vector<float> Z1(b * h), A(b * h), GP(b * h), AT(h * b), Z2(b * f), G2(b * f);
+    std::vector<float> G1(b * h), Zq1(b * h), X2(b * h), Zq2(b * f), M(b * b);
+    std::vector<float> EG1(b * h), EG2(b * f), EG2T(f * b), W2T(fh), XH(f), Gx(f);
+    float* W1 = w1_out->typed_data() + c * fh;
+    float* B1 = b1_out->typed_data() + c * h;
+    float* W2 = w2_out->typed_data() + c * fh;
+    float* B2 = b2_out->typed_data() + c * f;
+    std::memcpy(W1, w1_0.typed_data() + c * fh, fh * sizeof(float));
+    std::memcpy(B1, b1_0.typed_data() + c * h, h * sizeof(float));
+    std::memcpy(W2, w2_0.typed_data() + c * fh, fh * sizeof(float));
+    std::memcpy(B2, b2_0.typed_data() + c * f, f * sizeof(float));
+    transpose(W2, h, f, W2T.data());
+    const float* nw = lnw.typed_data() + hd * f;
+    const float* nb = lnb.typed_data() + hd * f;
+    for (int64_t t = 0; t < d.n; ++t) {
+      if (t % group == 0) {
+        const int64_t s = (t / group) * chains + c;
+        std::memcpy(w1_starts->typed_data() + s * fh, W1, fh * sizeof(float));
+        std::memcpy(b1_starts->typed_data() + s * h, B1, h * sizeof(float));
+        std::memcpy(w2_starts->typed_data() + s * fh, W2, fh * sizeof(float));
+        std::memcpy(b2_starts->typed_data() + s * f, B2, f * sizeof(float));
+      }
+      load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
+                 hd, K.data(), Q.data(), T.data(), lr_row.data());
+      // Keys: Z1 = K W1 + b1, A = gelu(Z1), Z2 = A W2 + b2; G2 = the LN-L2 gradient of Z2,
+      // G1 = (G2 W2^T) * gelu'(Z1).
+      mm_bias(K.data(), b, f, W1, h, B1, Z1.data());
+      gelu(Z1.data(), b * h, A.data(), GP.data());
+      mm_bias(A.data(), b, h, W2, f, B2, Z2.data());
+      float cc;
+      for (int64_t i = 0; i < b; ++i)
+        ln_l2_grad(Z2.data() + i * f, T.data() + i * f, nw, nb, f, XH.data(), Gx.data(),
+                   G2.data() + i * f, &cc);
+      std::fill(G1.begin(), G1.end(), 0.f);
+      mm_acc(G2.data(), b, f, W2T.data(), h, G1.data());
+      for (int64_t i = 0; i < b * h; ++i) G1[i] *= GP[i];
+      // Queries: Zq1 = Q W1 + b1 - M1 G1, X2 = gelu(Zq1), Zq2 = X2 W2 + b2 - M2 G2 with
+      // M_l = tril(tok lr^T) * (xbar_l a_l^T + 1).
+      transpose(K.data(), b, f, KT.data());
+      transpose(A.data(), b, h, AT.data());
+      mm_bias(Q.data(), b, f, W1, h, B1, Zq1.data());
+      std::fill(M.begin(), M.end(), 0.f);
+      mm_acc(Q.data(), b, f, KT.data(), b, M.data());
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = 0; j < b; ++j)
+          M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
+      mm_acc(M.data(), b, b, G1.data(), h, Zq1.data());
+      gelu(Zq1.data(), b * h, X2.data(), nullptr);
+      mm_bias(X2.data(), b, h, W2, f, B2, Zq2.data());
+      std::fill(M.begin(), M.end(), 0.f);
+      mm_acc(X2.data(), b, h, AT.data(), b, M.data());
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = 0; j < b; ++j)
+          M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
+      mm_acc(M.data(), b, b, G2.data(), f, Zq2.data());
+      store_rows(Zq2.data(), b, f, d.x_at(z_out->typed_data(), bi, t, hd), d.x_tok());
+      // The update: W1 -= K^T (e G1), W2 -= A^T (e G2) (and W2^T with it), biases e G.
+      for (int64_t j = 0; j < b; ++j) {
+        const float e = -tok_last * lr_row[j];
+        for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
+        for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
+      }
+      mm_acc(KT.data(), f, b, EG1.data(), h, W1);
+      mm_acc(AT.data(), h, b, EG2.data(), f, W2);
+      transpose(EG2.data(), b, f, EG2T.data());
+      mm_acc(EG2T.data(), f, b, A.data(), h, W2T.data());
+      for (int64_t j = 0; j < b; ++j) {
+        for (int64_t q = 0; q < h; ++q) B1[q] += EG1[j * h + q];
+        for (int64_t q = 0; q < f; ++q) B2[q] += EG2[j * f + q];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+
+// The mask terms of one layer's queries in the derivative: from DM = dz G^T and the
+// similarities S (xbar a^T), eta = tril(tok lr^T): accumulates d tok, d lr, and writes
+// ds = -DM * eta (the cotangent of S) and negM = -eta (S + 1).
+inline void mask_terms(const float* DM, const float* S, const float* tk, const float* lr_row,
+                       int64_t b, int64_t H, float* dtk, float* dl, float* ds, float* negM) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) {
+      const bool low = j <= i;
+      const float eta = low ? tk[i] * lr_row[j] : 0.f;
+      const float dm = low ? -DM[i * b + j] : 0.f;
+      negM[i * b + j] = -eta * (S[i * b + j] + 1.f);
+      const float deta = dm * (S[i * b + j] + 1.f);
+      dtk[i] += deta * lr_row[j];
+      dl[j * H] += deta * tk[i];
+      ds[i * b + j] = dm * eta;
+    }
+}
+
+// TTT-MLP's derivative: the math of ttt_step._dual_step_bwd_parts for two layers, each group
+// recomputed forward from its kept start as Backward does.
+ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1_starts,
+                       ffi::Buffer<ffi::F32> w2_starts, ffi::Buffer<ffi::F32> b2_starts,
+                       ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
+                       ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
+                       ffi::Buffer<ffi::F32> tok, ffi::Buffer<ffi::F32> lnw,
+                       ffi::Buffer<ffi::F32> lnb, ffi::Buffer<ffi::F32> dw1_end,
+                       ffi::Buffer<ffi::F32> db1_end, ffi::Buffer<ffi::F32> dw2_end,
+                       ffi::Buffer<ffi::F32> db2_end, ffi::Buffer<ffi::F32> dzb, int64_t group,
+                       int64_t threads, ffi::ResultBuffer<ffi::F32> dw1_0,
+                       ffi::ResultBuffer<ffi::F32> db1_0, ffi::ResultBuffer<ffi::F32> dw2_0,
+                       ffi::ResultBuffer<ffi::F32> db2_0, ffi::ResultBuffer<ffi::F32> dxq,
+                       ffi::ResultBuffer<ffi::F32> dxk, ffi::ResultBuffer<ffi::F32> dxv,
+                       ffi::ResultBuffer<ffi::F32> dlr, ffi::ResultBuffer<ffi::F32> dtok,
+                       ffi::ResultBuffer<ffi::F32> dlnw, ffi::ResultBuffer<ffi::F32> dlnb) {
+  auto xd = xq.dimensions();
+  if (xd.size() != 5) return ffi::Error::InvalidArgument("xq must be [B, n, b, H, f]");
+  const Dims d{xd[0], xd[1], xd[2], xd[3], xd[4]};
+  if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
+  auto wd = w1_starts.dimensions();
+  const int64_t ng = (d.n + group - 1) / group, chains = d.B * d.H;
+  if (wd.size() != 5 || wd[0] != ng || wd[3] != d.f)
+    return ffi::Error::InvalidArgument("W1 at group starts must be [ceil(n / group), B, H, f, h]");
+  const int64_t b = d.b, f = d.f, h = wd[4], fh = f * h, bf = b * f, bh = b * h, bb = b * b;
+  const float* tk = tok.typed_data();
+  const float tok_last = tk[b - 1];
+  parallel_chains(chains, threads, [&](int64_t c) {
+    const int64_t bi = c / d.H, hd = c % d.H;
+    // Running state of the recomputation.
+    std::vector<float> W1(fh), B1(h), W2(fh), B2(f), W2T(fh);
+    // Per mini-batch of the group (see the recomputation below for what each holds).
+    std::vector<float> Ks(group * bf), Qs(group * bf), Ts(group * bf), lrs(group * b);
+    std::vector<float> Z1s(group * bh), As(group * bh), GP1s(group * bh), BK2s(group * bh);
+    std::vector<float> G1s(group * bh), G2s(group * bf), XHs(group * bf), Gxs(group * bf);
+    std::vector<float> Rs(group * b), Cs(group * b), X2s(group * bh), GPQs(group * bh);
+    std::vector<float> S0s(group * bb), S1s(group * bb), W1Ts(group * fh), W2s(group * fh);
+    std::vector<float> W2Ts(group * fh);
+    // Scratch.
+    std::vector<float> Z2(bf), KT(bf), AT(bh), Zq1(bh), M(bb), EG1(bh), EG2(bf), EG2T(bf);
+    std::vector<float> adw1(bh), adw2(bf), dG1(bh), dG2(bf), das0(bf), das1(bh), dW1T(fh);
+    std::vector<float> dW2T(fh), dz2(bf), G2T(bf), G1T(bh), DM(bb), DS(bb), NM(bb), dxbar(bh);
+    std::vector<float> dz1(bh), dq(bf), dback(bh), dZ1(bh), dZ2(bf), dT(bf), u(f), dxh(f);
+    float* dW1 = dw1_0->typed_data() + c * fh;
+    float* dB1 = db1_0->typed_data() + c * h;
+    float* dW2 = dw2_0->typed_data() + c * fh;
+    float* dB2 = db2_0->typed_data() + c * f;
+    std::memcpy(dW1, dw1_end.typed_data() + c * fh, fh * sizeof(float));
+    std::memcpy(dB1, db1_end.typed_data() + c * h, h * sizeof(float));
+    std::memcpy(dW2, dw2_end.typed_data() + c * fh, fh * sizeof(float));
+    std::memcpy(dB2, db2_end.typed_data() + c * f, f * sizeof(float));
+    float* dtk = dtok->typed_data() + c * b;
+    float* dnw = dlnw->typed_data() + c * f;
+    float* dnb = dlnb->typed_data() + c * f;
+    std::fill(dtk, dtk + b, 0.f);
+    std::fill(dnw, dnw + f, 0.f);
+    std::fill(dnb, dnb + f, 0.f);
+    const float* nw = lnw.typed_data() + hd * f;
+    const float* nb = lnb.typed_data() + hd * f;
+    for (int64_t s = ng - 1; s >= 0; --s) {
+      const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
+      const int64_t at = s * chains + c;
+      std::memcpy(W1.data(), w1_starts.typed_data() + at * fh, fh * sizeof(float));
+      std::memcpy(B1.data(), b1_starts.typed_data() + at * h, h * sizeof(float));
+      std::memcpy(W2.data(), w2_starts.typed_data() + at * fh, fh * sizeof(float));
+      std::memcpy(B2.data(), b2_starts.typed_data() + at * f, f * sizeof(float));
+      transpose(W2.data(), h, f, W2T.data());
+      for (int64_t t = t0; t < t1; ++t) {  // the group's steps forward, keeping what's read
+        const int64_t k = t - t0;
+        float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+        float *lr_k = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh, *A = As.data() + k * bh;
+        float *GP1 = GP1s.data() + k * bh, *BK2 = BK2s.data() + k * bh;
+        float *G1 = G1s.data() + k * bh, *G2 = G2s.data() + k * bf;
+        float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
+        float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
+        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
+                   t, hd, K, Q, T, lr_k);
+        // Keys: Z1, A = gelu(Z1), GP1 = gelu'(Z1), G2 (LN-L2 at Z2), BK2 = G2 W2^T,
+        // G1 = BK2 * GP1.
+        mm_bias(K, b, f, W1.data(), h, B1.data(), Z1);
+        gelu(Z1, bh, A, GP1);
+        mm_bias(A, b, h, W2.data(), f, B2.data(), Z2.data());
+        for (int64_t i = 0; i < b; ++i)
+          Rs[k * b + i] = ln_l2_grad(Z2.data() + i * f, T + i * f, nw, nb, f,
+                                     XHs.data() + k * bf + i * f, Gxs.data() + k * bf + i * f,
+                                     G2 + i * f, Cs.data() + k * b + i);
+        std::fill(BK2, BK2 + bh, 0.f);
+        mm_acc(G2, b, f, W2T.data(), h, BK2);
+        for (int64_t i = 0; i < bh; ++i) G1[i] = BK2[i] * GP1[i];
+        // Queries' first layer: S0 = Q K^T, Zq1 = Q W1 + b1 - M0 G1, X2 = gelu(Zq1),
+        // GPQ = gelu'(Zq1); S1 = X2 A^T.
+        transpose(K, b, f, KT.data());
+        transpose(A, b, h, AT.data());
+        std::fill(S0, S0 + bb, 0.f);
+        mm_acc(Q, b, f, KT.data(), b, S0);
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j)
+            M[i * b + j] = j <= i ? -tk[i] * lr_k[j] * (S0[i * b + j] + 1.f) : 0.f;
+        mm_bias(Q, b, f, W1.data(), h, B1.data(), Zq1.data());
+        mm_acc(M.data(), b, b, G1, h, Zq1.data());
+        gelu(Zq1.data(), bh, X2, GPQ);
+        std::fill(S1, S1 + bb, 0.f);
+        mm_acc(X2, b, h, AT.data(), b, S1);
+        transpose(W1.data(), f, h, W1Ts.data() + k * fh);
+        std::memcpy(W2s.data() + k * fh, W2.data(), fh * sizeof(float));
+        std::memcpy(W2Ts.data() + k * fh, W2T.data(), fh * sizeof(float));
+        if (t + 1 < t1) {
+          for (int64_t j = 0; j < b; ++j) {
+            const float e = -tok_last * lr_k[j];
+            for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
+            for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
+          }
+          mm_acc(KT.data(), f, b, EG1.data(), h, W1.data());
+          mm_acc(AT.data(), h, b, EG2.data(), f, W2.data());
+          transpose(EG2.data(), b, f, EG2T.data());
+          mm_acc(EG2T.data(), f, b, A, h, W2T.data());
+          col_sums(EG1.data(), b, h, B1.data());
+          col_sums(EG2.data(), b, f, B2.data());
+        }
+      }
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const int64_t k = t - t0;
+        const float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+        const float *lr_row = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh;
+        const float *A = As.data() + k * bh, *GP1 = GP1s.data() + k * bh;
+        const float *BK2 = BK2s.data() + k * bh, *G1 = G1s.data() + k * bh;
+        const float *G2 = G2s.data() + k * bf, *XH = XHs.data() + k * bf;
+        const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
+        const float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
+        const float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
+        const float *W1T = W1Ts.data() + k * fh, *W2 = W2s.data() + k * fh;
+        const float *W2Tk = W2Ts.data() + k * fh;
+        float* dl = d.lr_at(dlr->typed_data(), bi, t, hd);
+        // The update, read with the carried (next) cotangents.
+        mm_bias(K, b, f, dW1, h, dB1, adw1.data());
+        mm_bias(A, b, h, dW2, f, dB2, adw2.data());
+        float de_lr = 0.f;
+        for (int64_t j = 0; j < b; ++j) {
+          const float e = tok_last * lr_row[j];
+          const float de = -(dot(adw1.data() + j * h, G1 + j * h, h) +
+                             dot(adw2.data() + j * f, G2 + j * f, f));
+          dl[j * d.H] = de * tok_last;
+          de_lr += de * lr_row[j];
+          for (int64_t q = 0; q < h; ++q) {
+            dG1[j * h + q] = -e * adw1[j * h + q];
+            EG1[j * h + q] = -e * G1[j * h + q];
+          }
+          for (int64_t q = 0; q < f; ++q) {
+            dG2[j * f + q] = -e * adw2[j * f + q];
+            EG2[j * f + q] = -e * G2[j * f + q];
+          }
+        }
+        dtk[b - 1] += de_lr;
+        transpose(dW1, f, h, dW1T.data());
+        transpose(dW2, h, f, dW2T.data());
+        std::fill(das0.begin(), das0.end(), 0.f);
+        mm_acc(EG1.data(), b, h, dW1T.data(), f, das0.data());
+        std::fill(das1.begin(), das1.end(), 0.f);
+        mm_acc(EG2.data(), b, f, dW2T.data(), h, das1.data());
+        // The queries' second layer: zbar = X2 W2 + b2 - M1 G2.
+        load_rows(d.x_at(dzb.typed_data(), bi, t, hd), d.x_tok(), b, f, dz2.data());
+        transpose(G2, b, f, G2T.data());
+        std::fill(DM.begin(), DM.end(), 0.f);
+        mm_acc(dz2.data(), b, f, G2T.data(), b, DM.data());
+        mask_terms(DM.data(), S1, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
+        tn_acc(NM.data(), b, b, dz2.data(), f, dG2.data());
+        std::fill(dxbar.begin(), dxbar.end(), 0.f);
+        mm_acc(dz2.data(), b, f, W2Tk, h, dxbar.data());
+        mm_acc(DS.data(), b, b, A, h, dxbar.data());
+        tn_acc(DS.data(), b, b, X2, h, das1.data());
+        tn_acc(X2, b, h, dz2.data(), f, dW2);
+        col_sums(dz2.data(), b, f, dB2);
+        for (int64_t i = 0; i < bh; ++i) dz1[i] = dxbar[i] * GPQ[i];
+        // The queries' first layer: Zq1 = Q W1 + b1 - M0 G1.
+        transpose(G1, b, h, G1T.data());
+        std::fill(DM.begin(), DM.end(), 0.f);
+        mm_acc(dz1.data(), b, h, G1T.data(), b, DM.data());
+        mask_terms(DM.data(), S0, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
+        tn_acc(NM.data(), b, b, dz1.data(), h, dG1.data());
+        std::fill(dq.begin(), dq.end(), 0.f);
+        mm_acc(dz1.data(), b, h, W1T, f, dq.data());
+        mm_acc(DS.data(), b, b, K, f, dq.data());
+        tn_acc(DS.data(), b, b, Q, f, das0.data());
+        tn_acc(Q, b, f, dz1.data(), h, dW1);
+        col_sums(dz1.data(), b, h, dB1);
+        // The inner gradients' chain G1 = (G2 W2^T) * gelu'(Z1).
+        for (int64_t i = 0; i < bh; ++i) dback[i] = dG1[i] * GP1[i];
+        mm_acc(dback.data(), b, h, W2, f, dG2.data());
+        tn_acc(dback.data(), b, h, G2, f, dW2);
+        gelu_dd_times(Z1, dG1.data(), BK2, bh, dZ1.data());
+        // The keys: Z2 = A W2 + b2 through the LN-L2 gradient, then Z1 = K W1 + b1.
+        std::fill(dT.begin(), dT.end(), 0.f);
+        for (int64_t j = 0; j < b; ++j)
+          ln_l2_grad_vjp(dG2.data() + j * f, G2 + j * f, XH + j * f, Gx + j * f, R[j], C[j],
+                         T + j * f, nw, nb, f, u.data(), dxh.data(), dZ2.data() + j * f,
+                         dT.data() + j * f, dnw, dnb);
+        tn_acc(A, b, h, dZ2.data(), f, dW2);
+        col_sums(dZ2.data(), b, f, dB2);
+        mm_acc(dZ2.data(), b, f, W2Tk, h, das1.data());
+        for (int64_t i = 0; i < bh; ++i) dZ1[i] += das1[i] * GP1[i];
+        tn_acc(K, b, f, dZ1.data(), h, dW1);
+        col_sums(dZ1.data(), b, h, dB1);
+        mm_acc(dZ1.data(), b, h, W1T, f, das0.data());
+        for (int64_t i = 0; i < bf; ++i) das0[i] -= dT[i];  // dK = da - dT (T = V - K)
+        store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, hd), d.x_tok());
+        store_rows(das0.data(), b, f, d.x_at(dxk->typed_data(), bi, t, hd), d.x_tok());
+        store_rows(dT.data(), b, f, d.x_at(dxv->typed_data(), bi, t, hd), d.x_tok());
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearForward, Forward,
@@ -496,3 +916,60 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d tok per chain [B, H, b]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d ln weight [B, H, f]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d ln bias [B, H, f]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TttMlpForward, MlpForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W1 [B, H, f, h]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1 [B, H, 1, h]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W2 [B, H, h, f]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2 [B, H, 1, f]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xq [B, n, b, H, f]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xk
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lr [B, n, b, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tok [b]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ln weight [H, 1, f]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ln bias [H, 1, f]
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // W1 after the last step
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // b1
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // W2
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // b2
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // z_bar [B, n, b, H, f]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // W1 at group starts
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // b1
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // W2
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // b2
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TttMlpBackward, MlpBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W1 at group starts
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xq
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xk
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lr
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tok
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ln weight
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ln bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cotangent of the end W1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // of z_bar
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d W1
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d b1
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d W2
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d b2
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d xq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d xk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d xv
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d lr
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d tok per chain
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d ln weight per chain
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d ln bias per chain
