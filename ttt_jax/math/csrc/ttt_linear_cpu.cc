@@ -121,13 +121,6 @@ inline void mm_bias(const float* A, int64_t rows, int64_t inner, const float* M,
   mm_acc(A, rows, inner, M, cols, C);
 }
 
-// T = A^T for A: [rows, cols].
-inline void transpose(const float* __restrict A, int64_t rows, int64_t cols,
-                      float* __restrict T) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) T[j * rows + i] = A[i * cols + j];
-}
-
 inline float dot(const float* __restrict x, const float* __restrict y, int64_t f) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -143,6 +136,41 @@ inline float mean(const float* __restrict x, int64_t f) {
 }
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// One 16 x 16 block: rows of A `lda` apart to rows of T `ldt` apart, transposed in registers
+// (four rounds, each swapping the off-diagonal blocks of size 8, 4, 2, 1 of every pair).
+inline void transpose16(const float* __restrict A, int64_t lda, float* __restrict T,
+                        int64_t ldt) {
+  v16 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = load16(A + i * lda);
+  for (int k = 8; k >= 1; k /= 2) {
+    vi16 lo, hi;  // lo: [a's columns with bit k clear, then b's]; hi: the other halves
+    for (int c = 0; c < 16; ++c) {
+      lo[c] = (c & k) ? 16 + c - k : c;
+      hi[c] = (c & k) ? 16 + c : c + k;
+    }
+    for (int i = 0; i < 16; ++i) {
+      if (i & k) continue;
+      const v16 a = r[i], b = r[i + k];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + k] = __builtin_shuffle(a, b, hi);
+    }
+  }
+  for (int i = 0; i < 16; ++i) store16(T + i * ldt, r[i]);
+}
+
+// T = A^T for A: [rows, cols]; blocks of 16 x 16 in registers where both sizes allow.
+inline void transpose(const float* __restrict A, int64_t rows, int64_t cols,
+                      float* __restrict T) {
+  if (rows % 16 == 0 && cols % 16 == 0) {
+    for (int64_t i = 0; i < rows; i += 16)
+      for (int64_t j = 0; j < cols; j += 16) transpose16(A + i * cols + j, cols, T + j * rows + i, rows);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) T[j * rows + i] = A[i * cols + j];
+}
+
 
 // exp(x) for |x| <= 20: 2^k e^r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7).
@@ -306,19 +334,14 @@ void load_frame(const Dims& d, const float* xq, const float* xk, const float* xv
   for (int64_t i = 0; i < b; ++i) lr_row[i] = l[i * d.H];
 }
 
-// Runs `body(chain)` for every chain on up to `threads` threads.
+// Runs the chains on up to `threads` threads: `body(first, stride)` runs chains first,
+// first + stride, ... (its scratch allocated once per thread, not per chain).
 template <typename F>
 void parallel_chains(int64_t chains, int64_t threads, F body) {
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, chains));
-  if (threads == 1) {
-    for (int64_t c = 0; c < chains; ++c) body(c);
-    return;
-  }
+  if (threads == 1) return body(0, 1);
   std::vector<std::thread> pool;
-  for (int64_t w = 0; w < threads; ++w)
-    pool.emplace_back([&, w] {
-      for (int64_t c = w; c < chains; c += threads) body(c);
-    });
+  for (int64_t w = 0; w < threads; ++w) pool.emplace_back([&, w] { body(w, threads); });
   for (auto& th : pool) th.join();
 }
 
@@ -336,37 +359,39 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
   if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
   const int64_t b = d.b, f = d.f;
   const float* tk = tok.typed_data();
-  parallel_chains(d.B * d.H, threads, [&](int64_t c) {
-    const int64_t bi = c / d.H, h = c % d.H;
+  parallel_chains(d.B * d.H, threads, [&](int64_t first, int64_t stride) {
     Work w(b, f);
     std::vector<float> lr_row(b), M(b * b), KT(f * b);
-    float* W = w_out->typed_data() + c * f * f;
-    float* bias = b_out->typed_data() + c * f;
-    std::memcpy(W, w0.typed_data() + c * f * f, f * f * sizeof(float));
-    std::memcpy(bias, b0.typed_data() + c * f, f * sizeof(float));
-    const float* nw = lnw.typed_data() + h * f;
-    const float* nb = lnb.typed_data() + h * f;
-    for (int64_t t = 0; t < d.n; ++t) {
-      if (t % group == 0) {
-        const int64_t s = t / group;
-        std::memcpy(w_starts->typed_data() + (s * d.B * d.H + c) * f * f, W,
-                    f * f * sizeof(float));
-        std::memcpy(b_starts->typed_data() + (s * d.B * d.H + c) * f, bias, f * sizeof(float));
+    for (int64_t c = first; c < d.B * d.H; c += stride) {
+      const int64_t bi = c / d.H, h = c % d.H;
+      float* W = w_out->typed_data() + c * f * f;
+      float* bias = b_out->typed_data() + c * f;
+      std::memcpy(W, w0.typed_data() + c * f * f, f * f * sizeof(float));
+      std::memcpy(bias, b0.typed_data() + c * f, f * sizeof(float));
+      const float* nw = lnw.typed_data() + h * f;
+      const float* nb = lnb.typed_data() + h * f;
+      for (int64_t t = 0; t < d.n; ++t) {
+        if (t % group == 0) {
+          const int64_t s = t / group;
+          std::memcpy(w_starts->typed_data() + (s * d.B * d.H + c) * f * f, W,
+                      f * f * sizeof(float));
+          std::memcpy(b_starts->typed_data() + (s * d.B * d.H + c) * f, bias, f * sizeof(float));
+        }
+        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
+                   h, w.K.data(), w.Q.data(), w.T.data(), lr_row.data());
+        keys(W, bias, nw, nb, b, f, w.K.data(), w.T.data(), w.Z.data(), w.G.data(), w.XH.data(),
+             w.Gx.data(), w.R.data(), w.C.data());
+        mm_bias(w.Q.data(), b, f, W, f, bias, w.Zq.data());
+        transpose(w.K.data(), b, f, KT.data());
+        std::fill(M.begin(), M.end(), 0.f);
+        mm_acc(w.Q.data(), b, f, KT.data(), b, M.data());  // Q K^T
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j)
+            M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
+        mm_acc(M.data(), b, b, w.G.data(), f, w.Zq.data());
+        store_rows(w.Zq.data(), b, f, d.x_at(z_out->typed_data(), bi, t, h), d.x_tok());
+        update(W, bias, KT.data(), w.G.data(), lr_row.data(), tk[b - 1], b, f, w.EG.data());
       }
-      load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
-                 h, w.K.data(), w.Q.data(), w.T.data(), lr_row.data());
-      keys(W, bias, nw, nb, b, f, w.K.data(), w.T.data(), w.Z.data(), w.G.data(), w.XH.data(),
-           w.Gx.data(), w.R.data(), w.C.data());
-      mm_bias(w.Q.data(), b, f, W, f, bias, w.Zq.data());
-      transpose(w.K.data(), b, f, KT.data());
-      std::fill(M.begin(), M.end(), 0.f);
-      mm_acc(w.Q.data(), b, f, KT.data(), b, M.data());  // Q K^T
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < b; ++j)
-          M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
-      mm_acc(M.data(), b, b, w.G.data(), f, w.Zq.data());
-      store_rows(w.Zq.data(), b, f, d.x_at(z_out->typed_data(), bi, t, h), d.x_tok());
-      update(W, bias, KT.data(), w.G.data(), lr_row.data(), tk[b - 1], b, f, w.EG.data());
     }
   });
   return ffi::Error::Success();
@@ -421,8 +446,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     return ffi::Error::InvalidArgument("W at group starts must be [ceil(n / group), B, H, f, f]");
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t c) {
-    const int64_t bi = c / d.H, h = c % d.H;
+  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
     const int64_t bf = b * f, ff = f * f;
     std::vector<float> QT(f * b), GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
     std::vector<float> S(b * b), M(b * b), MT(b * b), DM(b * b), DS(b * b), DST(b * b);
@@ -433,103 +457,106 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     std::vector<float> Ks(group * bf), KTs(group * bf), Qs(group * bf), Ts(group * bf);
     std::vector<float> lrs(group * b), WTs(group * ff), Gs(group * bf), XHs(group * bf);
     std::vector<float> Gxs(group * bf), Rs(group * b), Cs(group * b);
-    float* dW = dw0->typed_data() + c * ff;  // carried cotangent of the state
-    float* dbias = db0->typed_data() + c * f;
-    std::memcpy(dW, dw_end.typed_data() + c * ff, ff * sizeof(float));
-    std::memcpy(dbias, db_end.typed_data() + c * f, f * sizeof(float));
-    float* dtk = dtok->typed_data() + c * b;
-    float* dnw = dlnw->typed_data() + c * f;
-    float* dnb = dlnb->typed_data() + c * f;
-    std::fill(dtk, dtk + b, 0.f);
-    std::fill(dnw, dnw + f, 0.f);
-    std::fill(dnb, dnb + f, 0.f);
-    const float* nw = lnw.typed_data() + h * f;
-    const float* nb = lnb.typed_data() + h * f;
-    for (int64_t s = ng - 1; s >= 0; --s) {
-      const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
-      // Recompute the group's states forward from its kept start.
-      std::memcpy(W.data(), w_starts.typed_data() + (s * chains + c) * ff, ff * sizeof(float));
-      std::memcpy(bias.data(), b_starts.typed_data() + (s * chains + c) * f, f * sizeof(float));
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k = t - t0;
-        float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf, *T = Ts.data() + k * bf;
-        float *G = Gs.data() + k * bf, *lr_k = lrs.data() + k * b;
-        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
-                   t, h, K, Qs.data() + k * bf, T, lr_k);
-        keys(W.data(), bias.data(), nw, nb, b, f, K, T, Z.data(), G, XHs.data() + k * bf,
-             Gxs.data() + k * bf, Rs.data() + k * b, Cs.data() + k * b);
-        transpose(W.data(), f, f, WTs.data() + k * ff);
-        transpose(K, b, f, KT);
-        if (t + 1 < t1)
-          update(W.data(), bias.data(), KT, G, lr_k, tok_last, b, f, EGu.data());
-      }
-      for (int64_t t = t1 - 1; t >= t0; --t) {
-        const int64_t k = t - t0;
-        const float* WT = WTs.data() + k * ff;
-        const float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf;
-        const float *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
-        const float *G = Gs.data() + k * bf, *XH = XHs.data() + k * bf;
-        const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
-        const float* lr_row = lrs.data() + k * b;
-        load_rows(d.x_at(dzb.typed_data(), bi, t, h), d.x_tok(), b, f, dz.data());
-        transpose(Q, b, f, QT.data());
-        transpose(G, b, f, GT.data());
-        transpose(dW, f, f, dWnT.data());
-        // The update W' = W - K^T (e G), bias' = bias - e G, read with the next cotangent.
-        mm_bias(K, b, f, dW, f, dbias, adw.data());
-        float* dl = d.lr_at(dlr->typed_data(), bi, t, h);
-        float de_lr = 0.f;
-        for (int64_t j = 0; j < b; ++j) {
-          const float e = tok_last * lr_row[j];
-          const float de = -dot(adw.data() + j * f, G + j * f, f);
-          dl[j * d.H] = de * tok_last;
-          de_lr += de * lr_row[j];
-          for (int64_t q = 0; q < f; ++q) {
-            dG[j * f + q] = -e * adw[j * f + q];
-            EG[j * f + q] = -e * G[j * f + q];
-          }
+    for (int64_t c = first; c < chains; c += stride) {
+      const int64_t bi = c / d.H, h = c % d.H;
+      float* dW = dw0->typed_data() + c * ff;  // carried cotangent of the state
+      float* dbias = db0->typed_data() + c * f;
+      std::memcpy(dW, dw_end.typed_data() + c * ff, ff * sizeof(float));
+      std::memcpy(dbias, db_end.typed_data() + c * f, f * sizeof(float));
+      float* dtk = dtok->typed_data() + c * b;
+      float* dnw = dlnw->typed_data() + c * f;
+      float* dnb = dlnb->typed_data() + c * f;
+      std::fill(dtk, dtk + b, 0.f);
+      std::fill(dnw, dnw + f, 0.f);
+      std::fill(dnb, dnb + f, 0.f);
+      const float* nw = lnw.typed_data() + h * f;
+      const float* nb = lnb.typed_data() + h * f;
+      for (int64_t s = ng - 1; s >= 0; --s) {
+        const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
+        // Recompute the group's states forward from its kept start.
+        std::memcpy(W.data(), w_starts.typed_data() + (s * chains + c) * ff, ff * sizeof(float));
+        std::memcpy(bias.data(), b_starts.typed_data() + (s * chains + c) * f, f * sizeof(float));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t k = t - t0;
+          float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf, *T = Ts.data() + k * bf;
+          float *G = Gs.data() + k * bf, *lr_k = lrs.data() + k * b;
+          load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
+                     t, h, K, Qs.data() + k * bf, T, lr_k);
+          keys(W.data(), bias.data(), nw, nb, b, f, K, T, Z.data(), G, XHs.data() + k * bf,
+               Gxs.data() + k * bf, Rs.data() + k * b, Cs.data() + k * b);
+          transpose(W.data(), f, f, WTs.data() + k * ff);
+          transpose(K, b, f, KT);
+          if (t + 1 < t1)
+            update(W.data(), bias.data(), KT, G, lr_k, tok_last, b, f, EGu.data());
         }
-        dtk[b - 1] += de_lr;
-        std::fill(da.begin(), da.end(), 0.f);
-        mm_acc(EG.data(), b, f, dWnT.data(), f, da.data());
-        // The queries: zbar = Q W + bias - M G, M = tril(tok lr^T) * (Q K^T + 1).
-        std::fill(S.begin(), S.end(), 0.f);
-        mm_acc(Q, b, f, KT, b, S.data());
-        std::fill(DM.begin(), DM.end(), 0.f);
-        mm_acc(dz.data(), b, f, GT.data(), b, DM.data());  // -dM
-        for (int64_t i = 0; i < b; ++i)
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t k = t - t0;
+          const float* WT = WTs.data() + k * ff;
+          const float *K = Ks.data() + k * bf, *KT = KTs.data() + k * bf;
+          const float *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+          const float *G = Gs.data() + k * bf, *XH = XHs.data() + k * bf;
+          const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
+          const float* lr_row = lrs.data() + k * b;
+          load_rows(d.x_at(dzb.typed_data(), bi, t, h), d.x_tok(), b, f, dz.data());
+          transpose(Q, b, f, QT.data());
+          transpose(G, b, f, GT.data());
+          transpose(dW, f, f, dWnT.data());
+          // The update W' = W - K^T (e G), bias' = bias - e G, read with the next cotangent.
+          mm_bias(K, b, f, dW, f, dbias, adw.data());
+          float* dl = d.lr_at(dlr->typed_data(), bi, t, h);
+          float de_lr = 0.f;
           for (int64_t j = 0; j < b; ++j) {
-            const bool low = j <= i;
-            const float eta = low ? tk[i] * lr_row[j] : 0.f;
-            const float dm = low ? -DM[i * b + j] : 0.f;
-            M[i * b + j] = eta * (S[i * b + j] + 1.f);
-            MT[j * b + i] = -M[i * b + j];
-            const float deta = dm * (S[i * b + j] + 1.f);
-            dtk[i] += deta * lr_row[j];
-            dl[j * d.H] += deta * tk[i];
-            DS[i * b + j] = dm * eta;
-            DST[j * b + i] = dm * eta;
+            const float e = tok_last * lr_row[j];
+            const float de = -dot(adw.data() + j * f, G + j * f, f);
+            dl[j * d.H] = de * tok_last;
+            de_lr += de * lr_row[j];
+            for (int64_t q = 0; q < f; ++q) {
+              dG[j * f + q] = -e * adw[j * f + q];
+              EG[j * f + q] = -e * G[j * f + q];
+            }
           }
-        mm_acc(MT.data(), b, b, dz.data(), f, dG.data());
-        std::fill(dq.begin(), dq.end(), 0.f);
-        mm_acc(dz.data(), b, f, WT, f, dq.data());
-        mm_acc(DS.data(), b, b, K, f, dq.data());
-        mm_acc(DST.data(), b, b, Q, f, da.data());
-        // The keys: Z = K W + bias, G = the LN-L2 gradient of Z against T = V - K.
-        for (int64_t j = 0; j < b; ++j)
-          ln_l2_grad_vjp(dG.data() + j * f, G + j * f, XH + j * f, Gx + j * f,
-                         R[j], C[j], T + j * f, nw, nb, f, u.data(), dxh.data(),
-                         dZ.data() + j * f, dT.data() + j * f, dnw, dnb);
-        mm_acc(dZ.data(), b, f, WT, f, da.data());
-        // The step's own cotangent of its start state, added to the carried one.
-        mm_acc(QT.data(), f, b, dz.data(), f, dW);
-        mm_acc(KT, f, b, dZ.data(), f, dW);
-        for (int64_t j = 0; j < b; ++j)
-          for (int64_t q = 0; q < f; ++q) dbias[q] += dz[j * f + q] + dZ[j * f + q];
-        for (int64_t i = 0; i < bf; ++i) da[i] -= dT[i];  // dK = da - dT (T = V - K)
-        store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, h), d.x_tok());
-        store_rows(da.data(), b, f, d.x_at(dxk->typed_data(), bi, t, h), d.x_tok());
-        store_rows(dT.data(), b, f, d.x_at(dxv->typed_data(), bi, t, h), d.x_tok());
+          dtk[b - 1] += de_lr;
+          std::fill(da.begin(), da.end(), 0.f);
+          mm_acc(EG.data(), b, f, dWnT.data(), f, da.data());
+          // The queries: zbar = Q W + bias - M G, M = tril(tok lr^T) * (Q K^T + 1).
+          std::fill(S.begin(), S.end(), 0.f);
+          mm_acc(Q, b, f, KT, b, S.data());
+          std::fill(DM.begin(), DM.end(), 0.f);
+          mm_acc(dz.data(), b, f, GT.data(), b, DM.data());  // -dM
+          for (int64_t i = 0; i < b; ++i)
+            for (int64_t j = 0; j < b; ++j) {
+              const bool low = j <= i;
+              const float eta = low ? tk[i] * lr_row[j] : 0.f;
+              const float dm = low ? -DM[i * b + j] : 0.f;
+              M[i * b + j] = eta * (S[i * b + j] + 1.f);
+              MT[j * b + i] = -M[i * b + j];
+              const float deta = dm * (S[i * b + j] + 1.f);
+              dtk[i] += deta * lr_row[j];
+              dl[j * d.H] += deta * tk[i];
+              DS[i * b + j] = dm * eta;
+              DST[j * b + i] = dm * eta;
+            }
+          mm_acc(MT.data(), b, b, dz.data(), f, dG.data());
+          std::fill(dq.begin(), dq.end(), 0.f);
+          mm_acc(dz.data(), b, f, WT, f, dq.data());
+          mm_acc(DS.data(), b, b, K, f, dq.data());
+          mm_acc(DST.data(), b, b, Q, f, da.data());
+          // The keys: Z = K W + bias, G = the LN-L2 gradient of Z against T = V - K.
+          for (int64_t j = 0; j < b; ++j)
+            ln_l2_grad_vjp(dG.data() + j * f, G + j * f, XH + j * f, Gx + j * f,
+                           R[j], C[j], T + j * f, nw, nb, f, u.data(), dxh.data(),
+                           dZ.data() + j * f, dT.data() + j * f, dnw, dnb);
+          mm_acc(dZ.data(), b, f, WT, f, da.data());
+          // The step's own cotangent of its start state, added to the carried one.
+          mm_acc(QT.data(), f, b, dz.data(), f, dW);
+          mm_acc(KT, f, b, dZ.data(), f, dW);
+          for (int64_t j = 0; j < b; ++j)
+            for (int64_t q = 0; q < f; ++q) dbias[q] += dz[j * f + q] + dZ[j * f + q];
+          for (int64_t i = 0; i < bf; ++i) da[i] -= dT[i];  // dK = da - dT (T = V - K)
+          store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, h), d.x_tok());
+          store_rows(da.data(), b, f, d.x_at(dxk->typed_data(), bi, t, h), d.x_tok());
+          store_rows(dT.data(), b, f, d.x_at(dxv->typed_data(), bi, t, h), d.x_tok());
+        }
       }
     }
   });
@@ -560,78 +587,80 @@ ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
   const int64_t b = d.b, f = d.f, h = wd[3], fh = f * h, chains = d.B * d.H;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t c) {
-    const int64_t bi = c / d.H, hd = c % d.H;
+  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
     std::vector<float> K(b * f), Q(b * f), T(b * f), lr_row(b), KT(f * b);
     std::vector<float> Z1(b * h), A(b * h), GP(b * h), AT(h * b), Z2(b * f), G2(b * f);
     std::vector<float> G1(b * h), Zq1(b * h), X2(b * h), Zq2(b * f), M(b * b);
     std::vector<float> EG1(b * h), EG2(b * f), EG2T(f * b), W2T(fh), XH(f), Gx(f);
-    float* W1 = w1_out->typed_data() + c * fh;
-    float* B1 = b1_out->typed_data() + c * h;
-    float* W2 = w2_out->typed_data() + c * fh;
-    float* B2 = b2_out->typed_data() + c * f;
-    std::memcpy(W1, w1_0.typed_data() + c * fh, fh * sizeof(float));
-    std::memcpy(B1, b1_0.typed_data() + c * h, h * sizeof(float));
-    std::memcpy(W2, w2_0.typed_data() + c * fh, fh * sizeof(float));
-    std::memcpy(B2, b2_0.typed_data() + c * f, f * sizeof(float));
-    transpose(W2, h, f, W2T.data());
-    const float* nw = lnw.typed_data() + hd * f;
-    const float* nb = lnb.typed_data() + hd * f;
-    for (int64_t t = 0; t < d.n; ++t) {
-      if (t % group == 0) {
-        const int64_t s = (t / group) * chains + c;
-        std::memcpy(w1_starts->typed_data() + s * fh, W1, fh * sizeof(float));
-        std::memcpy(b1_starts->typed_data() + s * h, B1, h * sizeof(float));
-        std::memcpy(w2_starts->typed_data() + s * fh, W2, fh * sizeof(float));
-        std::memcpy(b2_starts->typed_data() + s * f, B2, f * sizeof(float));
-      }
-      load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
-                 hd, K.data(), Q.data(), T.data(), lr_row.data());
-      // Keys: Z1 = K W1 + b1, A = gelu(Z1), Z2 = A W2 + b2; G2 = the LN-L2 gradient of Z2,
-      // G1 = (G2 W2^T) * gelu'(Z1).
-      mm_bias(K.data(), b, f, W1, h, B1, Z1.data());
-      gelu(Z1.data(), b * h, A.data(), GP.data());
-      mm_bias(A.data(), b, h, W2, f, B2, Z2.data());
-      float cc;
-      for (int64_t i = 0; i < b; ++i)
-        ln_l2_grad(Z2.data() + i * f, T.data() + i * f, nw, nb, f, XH.data(), Gx.data(),
-                   G2.data() + i * f, &cc);
-      std::fill(G1.begin(), G1.end(), 0.f);
-      mm_acc(G2.data(), b, f, W2T.data(), h, G1.data());
-      for (int64_t i = 0; i < b * h; ++i) G1[i] *= GP[i];
-      // Queries: Zq1 = Q W1 + b1 - M1 G1, X2 = gelu(Zq1), Zq2 = X2 W2 + b2 - M2 G2 with
-      // M_l = tril(tok lr^T) * (xbar_l a_l^T + 1).
-      transpose(K.data(), b, f, KT.data());
-      transpose(A.data(), b, h, AT.data());
-      mm_bias(Q.data(), b, f, W1, h, B1, Zq1.data());
-      std::fill(M.begin(), M.end(), 0.f);
-      mm_acc(Q.data(), b, f, KT.data(), b, M.data());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < b; ++j)
-          M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
-      mm_acc(M.data(), b, b, G1.data(), h, Zq1.data());
-      gelu(Zq1.data(), b * h, X2.data(), nullptr);
-      mm_bias(X2.data(), b, h, W2, f, B2, Zq2.data());
-      std::fill(M.begin(), M.end(), 0.f);
-      mm_acc(X2.data(), b, h, AT.data(), b, M.data());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < b; ++j)
-          M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
-      mm_acc(M.data(), b, b, G2.data(), f, Zq2.data());
-      store_rows(Zq2.data(), b, f, d.x_at(z_out->typed_data(), bi, t, hd), d.x_tok());
-      // The update: W1 -= K^T (e G1), W2 -= A^T (e G2) (and W2^T with it), biases e G.
-      for (int64_t j = 0; j < b; ++j) {
-        const float e = -tok_last * lr_row[j];
-        for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
-        for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
-      }
-      mm_acc(KT.data(), f, b, EG1.data(), h, W1);
-      mm_acc(AT.data(), h, b, EG2.data(), f, W2);
-      transpose(EG2.data(), b, f, EG2T.data());
-      mm_acc(EG2T.data(), f, b, A.data(), h, W2T.data());
-      for (int64_t j = 0; j < b; ++j) {
-        for (int64_t q = 0; q < h; ++q) B1[q] += EG1[j * h + q];
-        for (int64_t q = 0; q < f; ++q) B2[q] += EG2[j * f + q];
+    for (int64_t c = first; c < chains; c += stride) {
+      const int64_t bi = c / d.H, hd = c % d.H;
+      float* W1 = w1_out->typed_data() + c * fh;
+      float* B1 = b1_out->typed_data() + c * h;
+      float* W2 = w2_out->typed_data() + c * fh;
+      float* B2 = b2_out->typed_data() + c * f;
+      std::memcpy(W1, w1_0.typed_data() + c * fh, fh * sizeof(float));
+      std::memcpy(B1, b1_0.typed_data() + c * h, h * sizeof(float));
+      std::memcpy(W2, w2_0.typed_data() + c * fh, fh * sizeof(float));
+      std::memcpy(B2, b2_0.typed_data() + c * f, f * sizeof(float));
+      transpose(W2, h, f, W2T.data());
+      const float* nw = lnw.typed_data() + hd * f;
+      const float* nb = lnb.typed_data() + hd * f;
+      for (int64_t t = 0; t < d.n; ++t) {
+        if (t % group == 0) {
+          const int64_t s = (t / group) * chains + c;
+          std::memcpy(w1_starts->typed_data() + s * fh, W1, fh * sizeof(float));
+          std::memcpy(b1_starts->typed_data() + s * h, B1, h * sizeof(float));
+          std::memcpy(w2_starts->typed_data() + s * fh, W2, fh * sizeof(float));
+          std::memcpy(b2_starts->typed_data() + s * f, B2, f * sizeof(float));
+        }
+        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi, t,
+                   hd, K.data(), Q.data(), T.data(), lr_row.data());
+        // Keys: Z1 = K W1 + b1, A = gelu(Z1), Z2 = A W2 + b2; G2 = the LN-L2 gradient of Z2,
+        // G1 = (G2 W2^T) * gelu'(Z1).
+        mm_bias(K.data(), b, f, W1, h, B1, Z1.data());
+        gelu(Z1.data(), b * h, A.data(), GP.data());
+        mm_bias(A.data(), b, h, W2, f, B2, Z2.data());
+        float cc;
+        for (int64_t i = 0; i < b; ++i)
+          ln_l2_grad(Z2.data() + i * f, T.data() + i * f, nw, nb, f, XH.data(), Gx.data(),
+                     G2.data() + i * f, &cc);
+        std::fill(G1.begin(), G1.end(), 0.f);
+        mm_acc(G2.data(), b, f, W2T.data(), h, G1.data());
+        for (int64_t i = 0; i < b * h; ++i) G1[i] *= GP[i];
+        // Queries: Zq1 = Q W1 + b1 - M1 G1, X2 = gelu(Zq1), Zq2 = X2 W2 + b2 - M2 G2 with
+        // M_l = tril(tok lr^T) * (xbar_l a_l^T + 1).
+        transpose(K.data(), b, f, KT.data());
+        transpose(A.data(), b, h, AT.data());
+        mm_bias(Q.data(), b, f, W1, h, B1, Zq1.data());
+        std::fill(M.begin(), M.end(), 0.f);
+        mm_acc(Q.data(), b, f, KT.data(), b, M.data());
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j)
+            M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
+        mm_acc(M.data(), b, b, G1.data(), h, Zq1.data());
+        gelu(Zq1.data(), b * h, X2.data(), nullptr);
+        mm_bias(X2.data(), b, h, W2, f, B2, Zq2.data());
+        std::fill(M.begin(), M.end(), 0.f);
+        mm_acc(X2.data(), b, h, AT.data(), b, M.data());
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j)
+            M[i * b + j] = j <= i ? -tk[i] * lr_row[j] * (M[i * b + j] + 1.f) : 0.f;
+        mm_acc(M.data(), b, b, G2.data(), f, Zq2.data());
+        store_rows(Zq2.data(), b, f, d.x_at(z_out->typed_data(), bi, t, hd), d.x_tok());
+        // The update: W1 -= K^T (e G1), W2 -= A^T (e G2) (and W2^T with it), biases e G.
+        for (int64_t j = 0; j < b; ++j) {
+          const float e = -tok_last * lr_row[j];
+          for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
+          for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
+        }
+        mm_acc(KT.data(), f, b, EG1.data(), h, W1);
+        mm_acc(AT.data(), h, b, EG2.data(), f, W2);
+        transpose(EG2.data(), b, f, EG2T.data());
+        mm_acc(EG2T.data(), f, b, A.data(), h, W2T.data());
+        for (int64_t j = 0; j < b; ++j) {
+          for (int64_t q = 0; q < h; ++q) B1[q] += EG1[j * h + q];
+          for (int64_t q = 0; q < f; ++q) B2[q] += EG2[j * f + q];
+        }
       }
     }
   });
@@ -684,8 +713,7 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
   const int64_t b = d.b, f = d.f, h = wd[4], fh = f * h, bf = b * f, bh = b * h, bb = b * b;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t c) {
-    const int64_t bi = c / d.H, hd = c % d.H;
+  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
     // Running state of the recomputation.
     std::vector<float> W1(fh), B1(h), W2(fh), B2(f), W2T(fh);
     // Per mini-batch of the group (see the recomputation below for what each holds).
@@ -700,170 +728,173 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
     std::vector<float> adw1(bh), adw2(bf), dG1(bh), dG2(bf), das0(bf), das1(bh), dW1T(fh);
     std::vector<float> dW2T(fh), dz2(bf), G2T(bf), G1T(bh), DM(bb), DS(bb), NM(bb), dxbar(bh);
     std::vector<float> dz1(bh), dq(bf), dback(bh), dZ1(bh), dZ2(bf), dT(bf), u(f), dxh(f);
-    float* dW1 = dw1_0->typed_data() + c * fh;
-    float* dB1 = db1_0->typed_data() + c * h;
-    float* dW2 = dw2_0->typed_data() + c * fh;
-    float* dB2 = db2_0->typed_data() + c * f;
-    std::memcpy(dW1, dw1_end.typed_data() + c * fh, fh * sizeof(float));
-    std::memcpy(dB1, db1_end.typed_data() + c * h, h * sizeof(float));
-    std::memcpy(dW2, dw2_end.typed_data() + c * fh, fh * sizeof(float));
-    std::memcpy(dB2, db2_end.typed_data() + c * f, f * sizeof(float));
-    float* dtk = dtok->typed_data() + c * b;
-    float* dnw = dlnw->typed_data() + c * f;
-    float* dnb = dlnb->typed_data() + c * f;
-    std::fill(dtk, dtk + b, 0.f);
-    std::fill(dnw, dnw + f, 0.f);
-    std::fill(dnb, dnb + f, 0.f);
-    const float* nw = lnw.typed_data() + hd * f;
-    const float* nb = lnb.typed_data() + hd * f;
-    for (int64_t s = ng - 1; s >= 0; --s) {
-      const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
-      const int64_t at = s * chains + c;
-      std::memcpy(W1.data(), w1_starts.typed_data() + at * fh, fh * sizeof(float));
-      std::memcpy(B1.data(), b1_starts.typed_data() + at * h, h * sizeof(float));
-      std::memcpy(W2.data(), w2_starts.typed_data() + at * fh, fh * sizeof(float));
-      std::memcpy(B2.data(), b2_starts.typed_data() + at * f, f * sizeof(float));
-      transpose(W2.data(), h, f, W2T.data());
-      for (int64_t t = t0; t < t1; ++t) {  // the group's steps forward, keeping what's read
-        const int64_t k = t - t0;
-        float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
-        float *lr_k = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh, *A = As.data() + k * bh;
-        float *GP1 = GP1s.data() + k * bh, *BK2 = BK2s.data() + k * bh;
-        float *G1 = G1s.data() + k * bh, *G2 = G2s.data() + k * bf;
-        float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
-        float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
-        load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
-                   t, hd, K, Q, T, lr_k);
-        // Keys: Z1, A = gelu(Z1), GP1 = gelu'(Z1), G2 (LN-L2 at Z2), BK2 = G2 W2^T,
-        // G1 = BK2 * GP1.
-        mm_bias(K, b, f, W1.data(), h, B1.data(), Z1);
-        gelu(Z1, bh, A, GP1);
-        mm_bias(A, b, h, W2.data(), f, B2.data(), Z2.data());
-        for (int64_t i = 0; i < b; ++i)
-          Rs[k * b + i] = ln_l2_grad(Z2.data() + i * f, T + i * f, nw, nb, f,
-                                     XHs.data() + k * bf + i * f, Gxs.data() + k * bf + i * f,
-                                     G2 + i * f, Cs.data() + k * b + i);
-        std::fill(BK2, BK2 + bh, 0.f);
-        mm_acc(G2, b, f, W2T.data(), h, BK2);
-        for (int64_t i = 0; i < bh; ++i) G1[i] = BK2[i] * GP1[i];
-        // Queries' first layer: S0 = Q K^T, Zq1 = Q W1 + b1 - M0 G1, X2 = gelu(Zq1),
-        // GPQ = gelu'(Zq1); S1 = X2 A^T.
-        transpose(K, b, f, KT.data());
-        transpose(A, b, h, AT.data());
-        std::fill(S0, S0 + bb, 0.f);
-        mm_acc(Q, b, f, KT.data(), b, S0);
-        for (int64_t i = 0; i < b; ++i)
-          for (int64_t j = 0; j < b; ++j)
-            M[i * b + j] = j <= i ? -tk[i] * lr_k[j] * (S0[i * b + j] + 1.f) : 0.f;
-        mm_bias(Q, b, f, W1.data(), h, B1.data(), Zq1.data());
-        mm_acc(M.data(), b, b, G1, h, Zq1.data());
-        gelu(Zq1.data(), bh, X2, GPQ);
-        std::fill(S1, S1 + bb, 0.f);
-        mm_acc(X2, b, h, AT.data(), b, S1);
-        transpose(W1.data(), f, h, W1Ts.data() + k * fh);
-        std::memcpy(W2s.data() + k * fh, W2.data(), fh * sizeof(float));
-        std::memcpy(W2Ts.data() + k * fh, W2T.data(), fh * sizeof(float));
-        if (t + 1 < t1) {
+    for (int64_t c = first; c < chains; c += stride) {
+      const int64_t bi = c / d.H, hd = c % d.H;
+      float* dW1 = dw1_0->typed_data() + c * fh;
+      float* dB1 = db1_0->typed_data() + c * h;
+      float* dW2 = dw2_0->typed_data() + c * fh;
+      float* dB2 = db2_0->typed_data() + c * f;
+      std::memcpy(dW1, dw1_end.typed_data() + c * fh, fh * sizeof(float));
+      std::memcpy(dB1, db1_end.typed_data() + c * h, h * sizeof(float));
+      std::memcpy(dW2, dw2_end.typed_data() + c * fh, fh * sizeof(float));
+      std::memcpy(dB2, db2_end.typed_data() + c * f, f * sizeof(float));
+      float* dtk = dtok->typed_data() + c * b;
+      float* dnw = dlnw->typed_data() + c * f;
+      float* dnb = dlnb->typed_data() + c * f;
+      std::fill(dtk, dtk + b, 0.f);
+      std::fill(dnw, dnw + f, 0.f);
+      std::fill(dnb, dnb + f, 0.f);
+      const float* nw = lnw.typed_data() + hd * f;
+      const float* nb = lnb.typed_data() + hd * f;
+      for (int64_t s = ng - 1; s >= 0; --s) {
+        const int64_t t0 = s * group, t1 = std::min(d.n, t0 + group);
+        const int64_t at = s * chains + c;
+        std::memcpy(W1.data(), w1_starts.typed_data() + at * fh, fh * sizeof(float));
+        std::memcpy(B1.data(), b1_starts.typed_data() + at * h, h * sizeof(float));
+        std::memcpy(W2.data(), w2_starts.typed_data() + at * fh, fh * sizeof(float));
+        std::memcpy(B2.data(), b2_starts.typed_data() + at * f, f * sizeof(float));
+        transpose(W2.data(), h, f, W2T.data());
+        for (int64_t t = t0; t < t1; ++t) {  // the group's steps forward, keeping what's read
+          const int64_t k = t - t0;
+          float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+          float *lr_k = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh, *A = As.data() + k * bh;
+          float *GP1 = GP1s.data() + k * bh, *BK2 = BK2s.data() + k * bh;
+          float *G1 = G1s.data() + k * bh, *G2 = G2s.data() + k * bf;
+          float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
+          float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
+          load_frame(d, xq.typed_data(), xk.typed_data(), xv.typed_data(), lr.typed_data(), bi,
+                     t, hd, K, Q, T, lr_k);
+          // Keys: Z1, A = gelu(Z1), GP1 = gelu'(Z1), G2 (LN-L2 at Z2), BK2 = G2 W2^T,
+          // G1 = BK2 * GP1.
+          mm_bias(K, b, f, W1.data(), h, B1.data(), Z1);
+          gelu(Z1, bh, A, GP1);
+          mm_bias(A, b, h, W2.data(), f, B2.data(), Z2.data());
+          for (int64_t i = 0; i < b; ++i)
+            Rs[k * b + i] = ln_l2_grad(Z2.data() + i * f, T + i * f, nw, nb, f,
+                                       XHs.data() + k * bf + i * f, Gxs.data() + k * bf + i * f,
+                                       G2 + i * f, Cs.data() + k * b + i);
+          std::fill(BK2, BK2 + bh, 0.f);
+          mm_acc(G2, b, f, W2T.data(), h, BK2);
+          for (int64_t i = 0; i < bh; ++i) G1[i] = BK2[i] * GP1[i];
+          // Queries' first layer: S0 = Q K^T, Zq1 = Q W1 + b1 - M0 G1, X2 = gelu(Zq1),
+          // GPQ = gelu'(Zq1); S1 = X2 A^T.
+          transpose(K, b, f, KT.data());
+          transpose(A, b, h, AT.data());
+          std::fill(S0, S0 + bb, 0.f);
+          mm_acc(Q, b, f, KT.data(), b, S0);
+          for (int64_t i = 0; i < b; ++i)
+            for (int64_t j = 0; j < b; ++j)
+              M[i * b + j] = j <= i ? -tk[i] * lr_k[j] * (S0[i * b + j] + 1.f) : 0.f;
+          mm_bias(Q, b, f, W1.data(), h, B1.data(), Zq1.data());
+          mm_acc(M.data(), b, b, G1, h, Zq1.data());
+          gelu(Zq1.data(), bh, X2, GPQ);
+          std::fill(S1, S1 + bb, 0.f);
+          mm_acc(X2, b, h, AT.data(), b, S1);
+          transpose(W1.data(), f, h, W1Ts.data() + k * fh);
+          std::memcpy(W2s.data() + k * fh, W2.data(), fh * sizeof(float));
+          std::memcpy(W2Ts.data() + k * fh, W2T.data(), fh * sizeof(float));
+          if (t + 1 < t1) {
+            for (int64_t j = 0; j < b; ++j) {
+              const float e = -tok_last * lr_k[j];
+              for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
+              for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
+            }
+            mm_acc(KT.data(), f, b, EG1.data(), h, W1.data());
+            mm_acc(AT.data(), h, b, EG2.data(), f, W2.data());
+            transpose(EG2.data(), b, f, EG2T.data());
+            mm_acc(EG2T.data(), f, b, A, h, W2T.data());
+            col_sums(EG1.data(), b, h, B1.data());
+            col_sums(EG2.data(), b, f, B2.data());
+          }
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t k = t - t0;
+          const float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
+          const float *lr_row = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh;
+          const float *A = As.data() + k * bh, *GP1 = GP1s.data() + k * bh;
+          const float *BK2 = BK2s.data() + k * bh, *G1 = G1s.data() + k * bh;
+          const float *G2 = G2s.data() + k * bf, *XH = XHs.data() + k * bf;
+          const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
+          const float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
+          const float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
+          const float *W1T = W1Ts.data() + k * fh, *W2 = W2s.data() + k * fh;
+          const float *W2Tk = W2Ts.data() + k * fh;
+          float* dl = d.lr_at(dlr->typed_data(), bi, t, hd);
+          // The update, read with the carried (next) cotangents.
+          mm_bias(K, b, f, dW1, h, dB1, adw1.data());
+          mm_bias(A, b, h, dW2, f, dB2, adw2.data());
+          float de_lr = 0.f;
           for (int64_t j = 0; j < b; ++j) {
-            const float e = -tok_last * lr_k[j];
-            for (int64_t q = 0; q < h; ++q) EG1[j * h + q] = e * G1[j * h + q];
-            for (int64_t q = 0; q < f; ++q) EG2[j * f + q] = e * G2[j * f + q];
+            const float e = tok_last * lr_row[j];
+            const float de = -(dot(adw1.data() + j * h, G1 + j * h, h) +
+                               dot(adw2.data() + j * f, G2 + j * f, f));
+            dl[j * d.H] = de * tok_last;
+            de_lr += de * lr_row[j];
+            for (int64_t q = 0; q < h; ++q) {
+              dG1[j * h + q] = -e * adw1[j * h + q];
+              EG1[j * h + q] = -e * G1[j * h + q];
+            }
+            for (int64_t q = 0; q < f; ++q) {
+              dG2[j * f + q] = -e * adw2[j * f + q];
+              EG2[j * f + q] = -e * G2[j * f + q];
+            }
           }
-          mm_acc(KT.data(), f, b, EG1.data(), h, W1.data());
-          mm_acc(AT.data(), h, b, EG2.data(), f, W2.data());
-          transpose(EG2.data(), b, f, EG2T.data());
-          mm_acc(EG2T.data(), f, b, A, h, W2T.data());
-          col_sums(EG1.data(), b, h, B1.data());
-          col_sums(EG2.data(), b, f, B2.data());
+          dtk[b - 1] += de_lr;
+          transpose(dW1, f, h, dW1T.data());
+          transpose(dW2, h, f, dW2T.data());
+          std::fill(das0.begin(), das0.end(), 0.f);
+          mm_acc(EG1.data(), b, h, dW1T.data(), f, das0.data());
+          std::fill(das1.begin(), das1.end(), 0.f);
+          mm_acc(EG2.data(), b, f, dW2T.data(), h, das1.data());
+          // The queries' second layer: zbar = X2 W2 + b2 - M1 G2.
+          load_rows(d.x_at(dzb.typed_data(), bi, t, hd), d.x_tok(), b, f, dz2.data());
+          transpose(G2, b, f, G2T.data());
+          std::fill(DM.begin(), DM.end(), 0.f);
+          mm_acc(dz2.data(), b, f, G2T.data(), b, DM.data());
+          mask_terms(DM.data(), S1, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
+          tn_acc(NM.data(), b, b, dz2.data(), f, dG2.data());
+          std::fill(dxbar.begin(), dxbar.end(), 0.f);
+          mm_acc(dz2.data(), b, f, W2Tk, h, dxbar.data());
+          mm_acc(DS.data(), b, b, A, h, dxbar.data());
+          tn_acc(DS.data(), b, b, X2, h, das1.data());
+          tn_acc(X2, b, h, dz2.data(), f, dW2);
+          col_sums(dz2.data(), b, f, dB2);
+          for (int64_t i = 0; i < bh; ++i) dz1[i] = dxbar[i] * GPQ[i];
+          // The queries' first layer: Zq1 = Q W1 + b1 - M0 G1.
+          transpose(G1, b, h, G1T.data());
+          std::fill(DM.begin(), DM.end(), 0.f);
+          mm_acc(dz1.data(), b, h, G1T.data(), b, DM.data());
+          mask_terms(DM.data(), S0, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
+          tn_acc(NM.data(), b, b, dz1.data(), h, dG1.data());
+          std::fill(dq.begin(), dq.end(), 0.f);
+          mm_acc(dz1.data(), b, h, W1T, f, dq.data());
+          mm_acc(DS.data(), b, b, K, f, dq.data());
+          tn_acc(DS.data(), b, b, Q, f, das0.data());
+          tn_acc(Q, b, f, dz1.data(), h, dW1);
+          col_sums(dz1.data(), b, h, dB1);
+          // The inner gradients' chain G1 = (G2 W2^T) * gelu'(Z1).
+          for (int64_t i = 0; i < bh; ++i) dback[i] = dG1[i] * GP1[i];
+          mm_acc(dback.data(), b, h, W2, f, dG2.data());
+          tn_acc(dback.data(), b, h, G2, f, dW2);
+          gelu_dd_times(Z1, dG1.data(), BK2, bh, dZ1.data());
+          // The keys: Z2 = A W2 + b2 through the LN-L2 gradient, then Z1 = K W1 + b1.
+          std::fill(dT.begin(), dT.end(), 0.f);
+          for (int64_t j = 0; j < b; ++j)
+            ln_l2_grad_vjp(dG2.data() + j * f, G2 + j * f, XH + j * f, Gx + j * f, R[j], C[j],
+                           T + j * f, nw, nb, f, u.data(), dxh.data(), dZ2.data() + j * f,
+                           dT.data() + j * f, dnw, dnb);
+          tn_acc(A, b, h, dZ2.data(), f, dW2);
+          col_sums(dZ2.data(), b, f, dB2);
+          mm_acc(dZ2.data(), b, f, W2Tk, h, das1.data());
+          for (int64_t i = 0; i < bh; ++i) dZ1[i] += das1[i] * GP1[i];
+          tn_acc(K, b, f, dZ1.data(), h, dW1);
+          col_sums(dZ1.data(), b, h, dB1);
+          mm_acc(dZ1.data(), b, h, W1T, f, das0.data());
+          for (int64_t i = 0; i < bf; ++i) das0[i] -= dT[i];  // dK = da - dT (T = V - K)
+          store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, hd), d.x_tok());
+          store_rows(das0.data(), b, f, d.x_at(dxk->typed_data(), bi, t, hd), d.x_tok());
+          store_rows(dT.data(), b, f, d.x_at(dxv->typed_data(), bi, t, hd), d.x_tok());
         }
-      }
-      for (int64_t t = t1 - 1; t >= t0; --t) {
-        const int64_t k = t - t0;
-        const float *K = Ks.data() + k * bf, *Q = Qs.data() + k * bf, *T = Ts.data() + k * bf;
-        const float *lr_row = lrs.data() + k * b, *Z1 = Z1s.data() + k * bh;
-        const float *A = As.data() + k * bh, *GP1 = GP1s.data() + k * bh;
-        const float *BK2 = BK2s.data() + k * bh, *G1 = G1s.data() + k * bh;
-        const float *G2 = G2s.data() + k * bf, *XH = XHs.data() + k * bf;
-        const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
-        const float *X2 = X2s.data() + k * bh, *GPQ = GPQs.data() + k * bh;
-        const float *S0 = S0s.data() + k * bb, *S1 = S1s.data() + k * bb;
-        const float *W1T = W1Ts.data() + k * fh, *W2 = W2s.data() + k * fh;
-        const float *W2Tk = W2Ts.data() + k * fh;
-        float* dl = d.lr_at(dlr->typed_data(), bi, t, hd);
-        // The update, read with the carried (next) cotangents.
-        mm_bias(K, b, f, dW1, h, dB1, adw1.data());
-        mm_bias(A, b, h, dW2, f, dB2, adw2.data());
-        float de_lr = 0.f;
-        for (int64_t j = 0; j < b; ++j) {
-          const float e = tok_last * lr_row[j];
-          const float de = -(dot(adw1.data() + j * h, G1 + j * h, h) +
-                             dot(adw2.data() + j * f, G2 + j * f, f));
-          dl[j * d.H] = de * tok_last;
-          de_lr += de * lr_row[j];
-          for (int64_t q = 0; q < h; ++q) {
-            dG1[j * h + q] = -e * adw1[j * h + q];
-            EG1[j * h + q] = -e * G1[j * h + q];
-          }
-          for (int64_t q = 0; q < f; ++q) {
-            dG2[j * f + q] = -e * adw2[j * f + q];
-            EG2[j * f + q] = -e * G2[j * f + q];
-          }
-        }
-        dtk[b - 1] += de_lr;
-        transpose(dW1, f, h, dW1T.data());
-        transpose(dW2, h, f, dW2T.data());
-        std::fill(das0.begin(), das0.end(), 0.f);
-        mm_acc(EG1.data(), b, h, dW1T.data(), f, das0.data());
-        std::fill(das1.begin(), das1.end(), 0.f);
-        mm_acc(EG2.data(), b, f, dW2T.data(), h, das1.data());
-        // The queries' second layer: zbar = X2 W2 + b2 - M1 G2.
-        load_rows(d.x_at(dzb.typed_data(), bi, t, hd), d.x_tok(), b, f, dz2.data());
-        transpose(G2, b, f, G2T.data());
-        std::fill(DM.begin(), DM.end(), 0.f);
-        mm_acc(dz2.data(), b, f, G2T.data(), b, DM.data());
-        mask_terms(DM.data(), S1, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
-        tn_acc(NM.data(), b, b, dz2.data(), f, dG2.data());
-        std::fill(dxbar.begin(), dxbar.end(), 0.f);
-        mm_acc(dz2.data(), b, f, W2Tk, h, dxbar.data());
-        mm_acc(DS.data(), b, b, A, h, dxbar.data());
-        tn_acc(DS.data(), b, b, X2, h, das1.data());
-        tn_acc(X2, b, h, dz2.data(), f, dW2);
-        col_sums(dz2.data(), b, f, dB2);
-        for (int64_t i = 0; i < bh; ++i) dz1[i] = dxbar[i] * GPQ[i];
-        // The queries' first layer: Zq1 = Q W1 + b1 - M0 G1.
-        transpose(G1, b, h, G1T.data());
-        std::fill(DM.begin(), DM.end(), 0.f);
-        mm_acc(dz1.data(), b, h, G1T.data(), b, DM.data());
-        mask_terms(DM.data(), S0, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
-        tn_acc(NM.data(), b, b, dz1.data(), h, dG1.data());
-        std::fill(dq.begin(), dq.end(), 0.f);
-        mm_acc(dz1.data(), b, h, W1T, f, dq.data());
-        mm_acc(DS.data(), b, b, K, f, dq.data());
-        tn_acc(DS.data(), b, b, Q, f, das0.data());
-        tn_acc(Q, b, f, dz1.data(), h, dW1);
-        col_sums(dz1.data(), b, h, dB1);
-        // The inner gradients' chain G1 = (G2 W2^T) * gelu'(Z1).
-        for (int64_t i = 0; i < bh; ++i) dback[i] = dG1[i] * GP1[i];
-        mm_acc(dback.data(), b, h, W2, f, dG2.data());
-        tn_acc(dback.data(), b, h, G2, f, dW2);
-        gelu_dd_times(Z1, dG1.data(), BK2, bh, dZ1.data());
-        // The keys: Z2 = A W2 + b2 through the LN-L2 gradient, then Z1 = K W1 + b1.
-        std::fill(dT.begin(), dT.end(), 0.f);
-        for (int64_t j = 0; j < b; ++j)
-          ln_l2_grad_vjp(dG2.data() + j * f, G2 + j * f, XH + j * f, Gx + j * f, R[j], C[j],
-                         T + j * f, nw, nb, f, u.data(), dxh.data(), dZ2.data() + j * f,
-                         dT.data() + j * f, dnw, dnb);
-        tn_acc(A, b, h, dZ2.data(), f, dW2);
-        col_sums(dZ2.data(), b, f, dB2);
-        mm_acc(dZ2.data(), b, f, W2Tk, h, das1.data());
-        for (int64_t i = 0; i < bh; ++i) dZ1[i] += das1[i] * GP1[i];
-        tn_acc(K, b, f, dZ1.data(), h, dW1);
-        col_sums(dZ1.data(), b, h, dB1);
-        mm_acc(dZ1.data(), b, h, W1T, f, das0.data());
-        for (int64_t i = 0; i < bf; ++i) das0[i] -= dT[i];  // dK = da - dT (T = V - K)
-        store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, hd), d.x_tok());
-        store_rows(das0.data(), b, f, d.x_at(dxk->typed_data(), bi, t, hd), d.x_tok());
-        store_rows(dT.data(), b, f, d.x_at(dxv->typed_data(), bi, t, hd), d.x_tok());
       }
     }
   });
