@@ -52,6 +52,13 @@ inline void copy_rows(const float* __restrict src, int64_t from, int64_t b, int6
   }
 }
 
+// out[j] += sum over the rows of X: [rows, n].
+inline void col_sums(const float* __restrict X, int64_t rows, int64_t n, float* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += X[r * n + j];
+}
+
 // Loads b rows of f floats that lie `stride` apart into a dense [b, f] block.
 inline void load_rows(const float* src, int64_t stride, int64_t b, int64_t f, float* dst) {
   copy_rows(src, stride, b, f, dst, f);
@@ -117,7 +124,7 @@ inline void mm_acc(const float* __restrict A, int64_t rows, int64_t inner,
 // C = rows of init (a [cols] row) + A M.
 inline void mm_bias(const float* A, int64_t rows, int64_t inner, const float* M, int64_t cols,
                     const float* init, float* C) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(C + r * cols, init, cols * sizeof(float));
+  copy_rows(init, 0, rows, cols, C, cols);
   mm_acc(A, rows, inner, M, cols, C);
 }
 
@@ -254,13 +261,6 @@ inline void tn_acc(const float* __restrict X, int64_t rows, int64_t m,
   }
 }
 
-// out[j] += sum over the rows of X: [rows, n].
-inline void col_sums(const float* __restrict X, int64_t rows, int64_t n, float* __restrict out) {
-  for (int64_t r = 0; r < rows; ++r)
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] += X[r * n + j];
-}
-
 constexpr float kEps = 1e-6f;  // ttt_norm's eps (layernorm.TTT_NORM_EPS)
 
 // The row statistics of the inner LayerNorm of one token and its loss gradient.
@@ -312,11 +312,11 @@ inline void update(float* W, float* bias, const float* KT, const float* G, const
                    float tok_last, int64_t b, int64_t f, float* EG) {
   for (int64_t j = 0; j < b; ++j) {
     const float e = -tok_last * lr[j];
+#pragma omp simd
     for (int64_t k = 0; k < f; ++k) EG[j * f + k] = e * G[j * f + k];
   }
   mm_acc(KT, f, b, EG, f, W);
-  for (int64_t j = 0; j < b; ++j)
-    for (int64_t k = 0; k < f; ++k) bias[k] += EG[j * f + k];
+  col_sums(EG, b, f, bias);
 }
 
 // Mini-batch t of chain (bi, h): K, Q, T = V - K as dense [b, f] blocks, and its lr.
