@@ -14,7 +14,9 @@ temp bytes from the compiled executable's ``memory_analysis()``.
 Output: JSON lines on stdout (and appended to ``--out``): one ``header`` line (versions,
 backend, device, CPU count, date), one ``result`` line per (impl, type, mode, L) and one
 ``summary`` line per (type, mode, L) with ``speedup_vs_primal`` = dual tokens/s / primal
-tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``), and at the
+tokens/s (``null`` where the baseline was skipped, see ``--baseline-max-len``) and
+``speedup_vs_xla_scan`` = dual tokens/s / the same layer's with the CPU kernel switched off
+(impl ``xla_scan``; ``ttt_jax.math.cpu_kernel``; on an accelerator both run the XLA scan), and at the
 end one ``scaling`` line per (type, mode) for the dual form: ``per_token_ratio`` (time per
 token against L = 2048) and the memory slope ``bytes_per_token`` of ``peak_bytes`` in L.
 
@@ -34,6 +36,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -53,10 +56,11 @@ import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 
 from ttt_jax import SequenceMetadata, TTTConfig, TTTLayer  # noqa: E402
+from ttt_jax.math import cpu_kernel  # noqa: E402
 from ttt_jax.math.ttt import ttt_primal  # noqa: E402
 
 BENCH = "ttt_layer"
-IMPLS = ("dual", "primal")
+IMPLS = ("dual", "primal", "xla_scan")
 MODES = ("fwd", "fwd_bwd")
 TYPES = ("linear", "mlp")
 
@@ -77,7 +81,9 @@ class PrimalTTTLayer(TTTLayer):
         return self.output(out, x)
 
 
-LAYERS = {"dual": TTTLayer, "primal": PrimalTTTLayer}
+# "xla_scan": the dual form with the CPU kernel switched off (ttt_jax.math.cpu_kernel), so that
+# the kernel's gain is measured in the same run; the same as "dual" on other backends.
+LAYERS = {"dual": TTTLayer, "primal": PrimalTTTLayer, "xla_scan": TTTLayer}
 
 
 def make_fn(layer: TTTLayer, mode: str) -> Callable:
@@ -167,7 +173,8 @@ def run_one(impl: str, cfg: TTTConfig, variables: Any, x: jax.Array, mode: str,
             args: argparse.Namespace):
     """Times one (impl, mode) on ``x``; returns the result record and the output."""
     layer = LAYERS[impl](cfg)
-    compile_s, times, out = time_fn(make_fn(layer, mode), (variables, x), args.repeats,
+    with cpu_kernel.disabled() if impl == "xla_scan" else contextlib.nullcontext():
+        compile_s, times, out = time_fn(make_fn(layer, mode), (variables, x), args.repeats,
                                     args.warmup)
     return result(impl, cfg, x.shape, mode, compile_s, times, time_fn.last_peak_bytes), out
 
@@ -271,6 +278,9 @@ def bench_shape(layer_type: str, length: int, args: argparse.Namespace,
         both = "dual" in records and "primal" in records
         summary["speedup_vs_primal"] = (records["dual"]["tokens_per_s"]
                                         / records["primal"]["tokens_per_s"] if both else None)
+        xla = "dual" in records and "xla_scan" in records
+        summary["speedup_vs_xla_scan"] = (records["dual"]["tokens_per_s"]
+                                          / records["xla_scan"]["tokens_per_s"] if xla else None)
         # The baseline computes the same function: a cheap check that the comparison is fair.
         summary["max_abs_diff_vs_primal"] = (_max_abs_diff(outs["dual"], outs["primal"])
                                              if both else None)
