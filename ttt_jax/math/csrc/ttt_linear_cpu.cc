@@ -194,7 +194,7 @@ inline v16 exp16(v16 x) {
   p = p * r + 1.f;
   p = p * r + 1.f;
   const vi16 bits = (__builtin_convertvector(kf, vi16) + 127) << 23;
-  return p * reinterpret_cast<const v16&>(bits);
+  return p * __builtin_bit_cast(v16, bits);
 }
 
 // tanh(y) = (e^{2y} - 1) / (e^{2y} + 1), y clamped to [-9, 9] (tanh is +-1 in float beyond).
@@ -334,6 +334,18 @@ void load_frame(const Dims& d, const float* xq, const float* xk, const float* xv
   for (int64_t i = 0; i < b; ++i) lr_row[i] = l[i * d.H];
 }
 
+// Chain c's block of `size` floats in an output, filled from the same block of `from`, or
+// with zeros when `from` is null.
+inline float* chain_block(ffi::ResultBuffer<ffi::F32>& out, const ffi::Buffer<ffi::F32>* from,
+                          int64_t c, int64_t size) {
+  float* dst = out->typed_data() + c * size;
+  if (from)
+    std::memcpy(dst, from->typed_data() + c * size, size * sizeof(float));
+  else
+    std::fill(dst, dst + size, 0.f);
+  return dst;
+}
+
 // Runs the chains on up to `threads` threads: `body(first, stride)` runs chains first,
 // first + stride, ... (its scratch allocated once per thread, not per chain).
 template <typename F>
@@ -364,10 +376,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
     std::vector<float> lr_row(b), M(b * b), KT(f * b);
     for (int64_t c = first; c < d.B * d.H; c += stride) {
       const int64_t bi = c / d.H, h = c % d.H;
-      float* W = w_out->typed_data() + c * f * f;
-      float* bias = b_out->typed_data() + c * f;
-      std::memcpy(W, w0.typed_data() + c * f * f, f * f * sizeof(float));
-      std::memcpy(bias, b0.typed_data() + c * f, f * sizeof(float));
+      float* W = chain_block(w_out, &w0, c, f * f);
+      float* bias = chain_block(b_out, &b0, c, f);
       const float* nw = lnw.typed_data() + h * f;
       const float* nb = lnb.typed_data() + h * f;
       for (int64_t t = 0; t < d.n; ++t) {
@@ -425,6 +435,47 @@ inline void ln_l2_grad_vjp(const float* dG, const float* G, const float* xh, con
   for (int64_t k = 0; k < f; ++k) dZ[k] = r * (dxh[k] - md - xh[k] * mdx);
 }
 
+// The mask terms of one layer's queries in the derivative: from DM = dz G^T and the
+// similarities S (xbar a^T), eta = tril(tok lr^T): accumulates d tok, d lr, and writes
+// ds = -DM * eta (the cotangent of S) and negM = -eta (S + 1).
+inline void mask_terms(const float* DM, const float* S, const float* tk, const float* lr_row,
+                       int64_t b, int64_t H, float* dtk, float* dl, float* ds, float* negM) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) {
+      const bool low = j <= i;
+      const float eta = low ? tk[i] * lr_row[j] : 0.f;
+      const float dm = low ? -DM[i * b + j] : 0.f;
+      negM[i * b + j] = -eta * (S[i * b + j] + 1.f);
+      const float deta = dm * (S[i * b + j] + 1.f);
+      dtk[i] += deta * lr_row[j];
+      dl[j * H] += deta * tk[i];
+      ds[i * b + j] = dm * eta;
+    }
+}
+
+// The derivative of one layer of the queries, zbar = xbar W + bias - M G with
+// M = tril(tok lr^T) * (xbar a^T + 1) and S = xbar a^T (docs/architecture.md §1.6), from dz
+// ([b, n_out]): writes d xbar ([b, n_in]) and accumulates dG, da (the keys' activations
+// a: [b, n_in]), dW ([n_in, n_out]), dbias, d tok and d lr. WT: W^T ([n_out, n_in]).
+// Scratch: GT (n_out * b), DM, DS, NM (b * b each).
+inline void queries_bwd(const float* dz, const float* G, const float* S, const float* WT,
+                        const float* a, const float* xbar, int64_t b, int64_t n_in,
+                        int64_t n_out, const float* tk, const float* lr_row, int64_t H,
+                        float* dtk, float* dl, float* dG, float* dxbar, float* da, float* dW,
+                        float* dbias, float* GT, float* DM, float* DS, float* NM) {
+  transpose(G, b, n_out, GT);
+  std::fill(DM, DM + b * b, 0.f);
+  mm_acc(dz, b, n_out, GT, b, DM);  // -dM
+  mask_terms(DM, S, tk, lr_row, b, H, dtk, dl, DS, NM);
+  tn_acc(NM, b, b, dz, n_out, dG);
+  std::fill(dxbar, dxbar + b * n_in, 0.f);
+  mm_acc(dz, b, n_out, WT, n_in, dxbar);
+  mm_acc(DS, b, b, a, n_in, dxbar);
+  tn_acc(DS, b, b, xbar, n_in, da);
+  tn_acc(xbar, b, n_in, dz, n_out, dW);
+  col_sums(dz, b, n_out, dbias);
+}
+
 ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_starts,
                     ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
                     ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
@@ -448,8 +499,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
   const float tok_last = tk[b - 1];
   parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
     const int64_t bf = b * f, ff = f * f;
-    std::vector<float> QT(f * b), GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
-    std::vector<float> S(b * b), M(b * b), MT(b * b), DM(b * b), DS(b * b), DST(b * b);
+    std::vector<float> GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
+    std::vector<float> S(b * b), DM(b * b), DS(b * b), NM(b * b);
     std::vector<float> adw(bf), dG(bf), EG(bf), da(bf), dq(bf), dz(bf), dZ(bf), dT(bf);
     std::vector<float> u(f), dxh(f);
     // Per mini-batch of the group being differentiated: its inputs, its start state
@@ -459,16 +510,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     std::vector<float> Gxs(group * bf), Rs(group * b), Cs(group * b);
     for (int64_t c = first; c < chains; c += stride) {
       const int64_t bi = c / d.H, h = c % d.H;
-      float* dW = dw0->typed_data() + c * ff;  // carried cotangent of the state
-      float* dbias = db0->typed_data() + c * f;
-      std::memcpy(dW, dw_end.typed_data() + c * ff, ff * sizeof(float));
-      std::memcpy(dbias, db_end.typed_data() + c * f, f * sizeof(float));
-      float* dtk = dtok->typed_data() + c * b;
-      float* dnw = dlnw->typed_data() + c * f;
-      float* dnb = dlnb->typed_data() + c * f;
-      std::fill(dtk, dtk + b, 0.f);
-      std::fill(dnw, dnw + f, 0.f);
-      std::fill(dnb, dnb + f, 0.f);
+      float* dW = chain_block(dw0, &dw_end, c, ff);  // carried cotangent of the state
+      float* dbias = chain_block(db0, &db_end, c, f);
+      float* dtk = chain_block(dtok, nullptr, c, b);
+      float* dnw = chain_block(dlnw, nullptr, c, f);
+      float* dnb = chain_block(dlnb, nullptr, c, f);
       const float* nw = lnw.typed_data() + h * f;
       const float* nb = lnb.typed_data() + h * f;
       for (int64_t s = ng - 1; s >= 0; --s) {
@@ -498,8 +544,6 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
           const float *Gx = Gxs.data() + k * bf, *R = Rs.data() + k * b, *C = Cs.data() + k * b;
           const float* lr_row = lrs.data() + k * b;
           load_rows(d.x_at(dzb.typed_data(), bi, t, h), d.x_tok(), b, f, dz.data());
-          transpose(Q, b, f, QT.data());
-          transpose(G, b, f, GT.data());
           transpose(dW, f, f, dWnT.data());
           // The update W' = W - K^T (e G), bias' = bias - e G, read with the next cotangent.
           mm_bias(K, b, f, dW, f, dbias, adw.data());
@@ -521,26 +565,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
           // The queries: zbar = Q W + bias - M G, M = tril(tok lr^T) * (Q K^T + 1).
           std::fill(S.begin(), S.end(), 0.f);
           mm_acc(Q, b, f, KT, b, S.data());
-          std::fill(DM.begin(), DM.end(), 0.f);
-          mm_acc(dz.data(), b, f, GT.data(), b, DM.data());  // -dM
-          for (int64_t i = 0; i < b; ++i)
-            for (int64_t j = 0; j < b; ++j) {
-              const bool low = j <= i;
-              const float eta = low ? tk[i] * lr_row[j] : 0.f;
-              const float dm = low ? -DM[i * b + j] : 0.f;
-              M[i * b + j] = eta * (S[i * b + j] + 1.f);
-              MT[j * b + i] = -M[i * b + j];
-              const float deta = dm * (S[i * b + j] + 1.f);
-              dtk[i] += deta * lr_row[j];
-              dl[j * d.H] += deta * tk[i];
-              DS[i * b + j] = dm * eta;
-              DST[j * b + i] = dm * eta;
-            }
-          mm_acc(MT.data(), b, b, dz.data(), f, dG.data());
-          std::fill(dq.begin(), dq.end(), 0.f);
-          mm_acc(dz.data(), b, f, WT, f, dq.data());
-          mm_acc(DS.data(), b, b, K, f, dq.data());
-          mm_acc(DST.data(), b, b, Q, f, da.data());
+          queries_bwd(dz.data(), G, S.data(), WT, K, Q, b, f, f, tk, lr_row, d.H, dtk, dl,
+                      dG.data(), dq.data(), da.data(), dW, dbias, GT.data(), DM.data(),
+                      DS.data(), NM.data());
           // The keys: Z = K W + bias, G = the LN-L2 gradient of Z against T = V - K.
           for (int64_t j = 0; j < b; ++j)
             ln_l2_grad_vjp(dG.data() + j * f, G + j * f, XH + j * f, Gx + j * f,
@@ -548,10 +575,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
                            dZ.data() + j * f, dT.data() + j * f, dnw, dnb);
           mm_acc(dZ.data(), b, f, WT, f, da.data());
           // The step's own cotangent of its start state, added to the carried one.
-          mm_acc(QT.data(), f, b, dz.data(), f, dW);
           mm_acc(KT, f, b, dZ.data(), f, dW);
-          for (int64_t j = 0; j < b; ++j)
-            for (int64_t q = 0; q < f; ++q) dbias[q] += dz[j * f + q] + dZ[j * f + q];
+          col_sums(dZ.data(), b, f, dbias);
           for (int64_t i = 0; i < bf; ++i) da[i] -= dT[i];  // dK = da - dT (T = V - K)
           store_rows(dq.data(), b, f, d.x_at(dxq->typed_data(), bi, t, h), d.x_tok());
           store_rows(da.data(), b, f, d.x_at(dxk->typed_data(), bi, t, h), d.x_tok());
@@ -594,14 +619,10 @@ ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
     std::vector<float> EG1(b * h), EG2(b * f), EG2T(f * b), W2T(fh), XH(f), Gx(f);
     for (int64_t c = first; c < chains; c += stride) {
       const int64_t bi = c / d.H, hd = c % d.H;
-      float* W1 = w1_out->typed_data() + c * fh;
-      float* B1 = b1_out->typed_data() + c * h;
-      float* W2 = w2_out->typed_data() + c * fh;
-      float* B2 = b2_out->typed_data() + c * f;
-      std::memcpy(W1, w1_0.typed_data() + c * fh, fh * sizeof(float));
-      std::memcpy(B1, b1_0.typed_data() + c * h, h * sizeof(float));
-      std::memcpy(W2, w2_0.typed_data() + c * fh, fh * sizeof(float));
-      std::memcpy(B2, b2_0.typed_data() + c * f, f * sizeof(float));
+      float* W1 = chain_block(w1_out, &w1_0, c, fh);
+      float* B1 = chain_block(b1_out, &b1_0, c, h);
+      float* W2 = chain_block(w2_out, &w2_0, c, fh);
+      float* B2 = chain_block(b2_out, &b2_0, c, f);
       transpose(W2, h, f, W2T.data());
       const float* nw = lnw.typed_data() + hd * f;
       const float* nb = lnb.typed_data() + hd * f;
@@ -668,23 +689,6 @@ ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
 }
 
 
-// The mask terms of one layer's queries in the derivative: from DM = dz G^T and the
-// similarities S (xbar a^T), eta = tril(tok lr^T): accumulates d tok, d lr, and writes
-// ds = -DM * eta (the cotangent of S) and negM = -eta (S + 1).
-inline void mask_terms(const float* DM, const float* S, const float* tk, const float* lr_row,
-                       int64_t b, int64_t H, float* dtk, float* dl, float* ds, float* negM) {
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < b; ++j) {
-      const bool low = j <= i;
-      const float eta = low ? tk[i] * lr_row[j] : 0.f;
-      const float dm = low ? -DM[i * b + j] : 0.f;
-      negM[i * b + j] = -eta * (S[i * b + j] + 1.f);
-      const float deta = dm * (S[i * b + j] + 1.f);
-      dtk[i] += deta * lr_row[j];
-      dl[j * H] += deta * tk[i];
-      ds[i * b + j] = dm * eta;
-    }
-}
 
 // TTT-MLP's derivative: the math of ttt_step._dual_step_bwd_parts for two layers, each group
 // recomputed forward from its kept start as Backward does.
@@ -726,24 +730,17 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
     // Scratch.
     std::vector<float> Z2(bf), KT(bf), AT(bh), Zq1(bh), M(bb), EG1(bh), EG2(bf), EG2T(bf);
     std::vector<float> adw1(bh), adw2(bf), dG1(bh), dG2(bf), das0(bf), das1(bh), dW1T(fh);
-    std::vector<float> dW2T(fh), dz2(bf), G2T(bf), G1T(bh), DM(bb), DS(bb), NM(bb), dxbar(bh);
+    std::vector<float> dW2T(fh), dz2(bf), GT(bh), DM(bb), DS(bb), NM(bb), dxbar(bh);
     std::vector<float> dz1(bh), dq(bf), dback(bh), dZ1(bh), dZ2(bf), dT(bf), u(f), dxh(f);
     for (int64_t c = first; c < chains; c += stride) {
       const int64_t bi = c / d.H, hd = c % d.H;
-      float* dW1 = dw1_0->typed_data() + c * fh;
-      float* dB1 = db1_0->typed_data() + c * h;
-      float* dW2 = dw2_0->typed_data() + c * fh;
-      float* dB2 = db2_0->typed_data() + c * f;
-      std::memcpy(dW1, dw1_end.typed_data() + c * fh, fh * sizeof(float));
-      std::memcpy(dB1, db1_end.typed_data() + c * h, h * sizeof(float));
-      std::memcpy(dW2, dw2_end.typed_data() + c * fh, fh * sizeof(float));
-      std::memcpy(dB2, db2_end.typed_data() + c * f, f * sizeof(float));
-      float* dtk = dtok->typed_data() + c * b;
-      float* dnw = dlnw->typed_data() + c * f;
-      float* dnb = dlnb->typed_data() + c * f;
-      std::fill(dtk, dtk + b, 0.f);
-      std::fill(dnw, dnw + f, 0.f);
-      std::fill(dnb, dnb + f, 0.f);
+      float* dW1 = chain_block(dw1_0, &dw1_end, c, fh);
+      float* dB1 = chain_block(db1_0, &db1_end, c, h);
+      float* dW2 = chain_block(dw2_0, &dw2_end, c, fh);
+      float* dB2 = chain_block(db2_0, &db2_end, c, f);
+      float* dtk = chain_block(dtok, nullptr, c, b);
+      float* dnw = chain_block(dlnw, nullptr, c, f);
+      float* dnb = chain_block(dlnb, nullptr, c, f);
       const float* nw = lnw.typed_data() + hd * f;
       const float* nb = lnb.typed_data() + hd * f;
       for (int64_t s = ng - 1; s >= 0; --s) {
@@ -848,30 +845,14 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
           mm_acc(EG2.data(), b, f, dW2T.data(), h, das1.data());
           // The queries' second layer: zbar = X2 W2 + b2 - M1 G2.
           load_rows(d.x_at(dzb.typed_data(), bi, t, hd), d.x_tok(), b, f, dz2.data());
-          transpose(G2, b, f, G2T.data());
-          std::fill(DM.begin(), DM.end(), 0.f);
-          mm_acc(dz2.data(), b, f, G2T.data(), b, DM.data());
-          mask_terms(DM.data(), S1, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
-          tn_acc(NM.data(), b, b, dz2.data(), f, dG2.data());
-          std::fill(dxbar.begin(), dxbar.end(), 0.f);
-          mm_acc(dz2.data(), b, f, W2Tk, h, dxbar.data());
-          mm_acc(DS.data(), b, b, A, h, dxbar.data());
-          tn_acc(DS.data(), b, b, X2, h, das1.data());
-          tn_acc(X2, b, h, dz2.data(), f, dW2);
-          col_sums(dz2.data(), b, f, dB2);
+          queries_bwd(dz2.data(), G2, S1, W2Tk, A, X2, b, h, f, tk, lr_row, d.H, dtk, dl,
+                      dG2.data(), dxbar.data(), das1.data(), dW2, dB2, GT.data(), DM.data(),
+                      DS.data(), NM.data());
           for (int64_t i = 0; i < bh; ++i) dz1[i] = dxbar[i] * GPQ[i];
           // The queries' first layer: Zq1 = Q W1 + b1 - M0 G1.
-          transpose(G1, b, h, G1T.data());
-          std::fill(DM.begin(), DM.end(), 0.f);
-          mm_acc(dz1.data(), b, h, G1T.data(), b, DM.data());
-          mask_terms(DM.data(), S0, tk, lr_row, b, d.H, dtk, dl, DS.data(), NM.data());
-          tn_acc(NM.data(), b, b, dz1.data(), h, dG1.data());
-          std::fill(dq.begin(), dq.end(), 0.f);
-          mm_acc(dz1.data(), b, h, W1T, f, dq.data());
-          mm_acc(DS.data(), b, b, K, f, dq.data());
-          tn_acc(DS.data(), b, b, Q, f, das0.data());
-          tn_acc(Q, b, f, dz1.data(), h, dW1);
-          col_sums(dz1.data(), b, h, dB1);
+          queries_bwd(dz1.data(), G1, S0, W1T, K, Q, b, f, h, tk, lr_row, d.H, dtk, dl,
+                      dG1.data(), dq.data(), das0.data(), dW1, dB1, GT.data(), DM.data(),
+                      DS.data(), NM.data());
           // The inner gradients' chain G1 = (G2 W2^T) * gelu'(Z1).
           for (int64_t i = 0; i < bh; ++i) dback[i] = dG1[i] * GP1[i];
           mm_acc(dback.data(), b, h, W2, f, dG2.data());
