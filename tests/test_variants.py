@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from conftest import BATCH, DIM, HEADS, MINI_BATCH
 from ttt_jax import TTTLM, ModelConfig, TTTConfig, TTTLayer
+from ttt_jax.math import cpu_kernel
 
 LENGTHS = (8, 13)  # 13 % 4 != 0: a final partial mini-batch
 VOCAB = 32
@@ -355,7 +356,12 @@ def test_bfloat16_compute_keeps_the_inner_loop_in_float32():
     assert 1e-4 < explained < 0.2  # the rounding of the projections is visible and bounded
     assert np.abs(out16 - out32).max() <= explained + 2e-5
 
+    # On the CPU the inner loop is one call of the native kernel: its operands are float32.
     jaxpr = jax.make_jaxpr(lambda v, x: bf16.apply(v, x))(variables, x)
+    calls = [e for e in all_eqns(jaxpr) if e.primitive.name == "ffi_call"]
+    assert calls and all(v.aval.dtype == jnp.float32 for e in calls for v in e.invars)
+    with cpu_kernel.disabled():  # the XLA scan (accelerators): its products in float32
+        jaxpr = jax.make_jaxpr(lambda v, x: bf16.apply(v, x))(variables, x)
     scans = [e for e in all_eqns(jaxpr) if e.primitive.name == "scan"]
     assert scans
     for scan in scans:
