@@ -1,18 +1,19 @@
-"""TTT-Linear's dual-form scan as one native kernel on the CPU (docs/architecture.md §1.6).
+"""The dual-form scan of both inner models as one native call on the CPU (docs/architecture.md §1.6).
 
 XLA runs the scan of ``ttt_scan.py`` as a loop of a few dozen small ops per mini-batch, and on
-the CPU each op costs microseconds of dispatch besides its arithmetic. ``csrc/ttt_linear_cpu.cc``
-computes the same function in one call: one chain per (batch element, head), whose ``f x f``
+the CPU each op costs microseconds of dispatch besides its arithmetic. ``csrc/ttt_cpu.cc``
+computes the same function in one call: one chain per (batch element, head), whose inner
 weights stay in the core's cache for the whole sequence, the chains spread over the cores.
 Its derivative is a second call that keeps the state every ``group`` mini-batches and
-recomputes the rest, as ``scan_tokens``' does.
+recomputes the rest, as ``scan_tokens``' does. ``scan_linear`` (TTT-Linear) and ``scan_mlp``
+(TTT-MLP) are ``scan_tokens`` for one and two inner layers.
 
 The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
 ``~/.cache/ttt_jax/kernels``), keyed by the source, the compiler command, jax's version and
 the CPU. ``TTT_JAX_CPU_KERNEL``: ``0`` never uses it; ``1`` requires it (an error when it
 cannot be built); unset, it is used when it builds, with a warning once when it does not.
-It serves one inner layer (TTT-Linear), float32, on a single CPU device; everything else
+It serves one or two inner layers of float32 weights on a single CPU device; everything else
 runs the XLA scan. ``TTT_JAX_CPU_THREADS`` caps its threads (default: the CPUs this process
 may run on).
 """
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ENV = "TTT_JAX_CPU_KERNEL"
-SOURCE = Path(__file__).parent / "csrc" / "ttt_linear_cpu.cc"
+SOURCE = Path(__file__).parent / "csrc" / "ttt_cpu.cc"
 _FORWARD, _BACKWARD = "ttt_jax_linear_forward", "ttt_jax_linear_backward"
 _MLP_FORWARD, _MLP_BACKWARD = "ttt_jax_mlp_forward", "ttt_jax_mlp_backward"
 
@@ -88,7 +89,7 @@ def build() -> Path:
     for part in (SOURCE.read_bytes(), " ".join(cmd).encode(), jax.__version__.encode(),
                  _cpu_tag().encode()):
         key.update(part)
-    out = cache_dir() / f"ttt_linear_cpu-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"ttt_cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def use_kernel(state) -> bool:
             raise
         if not _loaded.get("warned"):
             _loaded["warned"] = True
-            warnings.warn(f"TTT-Linear's CPU kernel is unavailable, using the XLA scan ({err}); "
+            warnings.warn(f"the TTT CPU kernel is unavailable, using the XLA scan ({err}); "
                           f"{ENV}=0 silences this", RuntimeWarning, stacklevel=2)
         return False
     return True

@@ -74,8 +74,8 @@ def _scan(step: Callable, carry, xs, group: int):
 def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     """``n`` whole mini-batches, token-major ``[B, n, b, H, ...]`` in and ``z_bar`` out.
 
-    ``hand_vjp``: ``scan_tokens``, or for TTT-Linear on the CPU its native kernel
-    (``cpu_kernel.scan_linear``, when ``cpu_kernel.use_kernel``); otherwise the same steps differentiated by autodiff under
+    ``hand_vjp``: ``scan_tokens``, or on the CPU the native kernel (``cpu_kernel.scan_linear``
+    / ``scan_mlp``, when ``cpu_kernel.use_kernel``); otherwise the same steps differentiated by autodiff under
     ``jax.checkpoint`` (``_scan``), on inputs transposed to ``[n, B, H, b, ...]``.
     """
     n = xs[0].shape[1]

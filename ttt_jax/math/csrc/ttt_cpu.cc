@@ -1,14 +1,15 @@
-// TTT-Linear's dual form over whole mini-batches on the CPU: forward and derivative.
+// The dual form over whole mini-batches on the CPU, forward and derivative, for TTT-Linear
+// (Forward, Backward) and TTT-MLP (MlpForward, MlpBackward).
 //
-// One chain per (batch element, head): its f x f weights and bias stay in the core's cache for
-// the whole sequence, every mini-batch is a few small loops, and the chains run on all cores
-// at once. The math is that of ttt_step.dual_delta / ttt_step._dual_step_bwd_parts for one
-// inner layer (docs/architecture.md §1.5-1.6); ttt_jax/math/cpu_kernel.py calls it through
-// XLA's FFI and states the layouts.
+// One chain per (batch element, head): its inner weights stay in the core's cache for the
+// whole sequence, every mini-batch is a few small loops, and the chains run on all cores at
+// once. The math is that of ttt_step.dual_delta / ttt_step._dual_step_bwd_parts
+// (docs/architecture.md §1.5-1.6); ttt_jax/math/cpu_kernel.py calls it through XLA's FFI and
+// states the layouts. TTT-Linear's forward, per mini-batch:
 //
-//   forward:  Z = K W + bias;  G = LN-L2 gradient of Z against V - K;
-//             zbar_i = Q_i W + bias - sum_{j<=i} tok_i lr_j (Q_i . K_j + 1) G_j;
-//             W -= K^T (e G), bias -= sum_j e_j G_j  with e_j = tok_{b-1} lr_j.
+//   Z = K W + bias;  G = LN-L2 gradient of Z against V - K;
+//   zbar_i = Q_i W + bias - sum_{j<=i} tok_i lr_j (Q_i . K_j + 1) G_j;
+//   W -= K^T (e G), bias -= sum_j e_j G_j  with e_j = tok_{b-1} lr_j.
 
 #include <algorithm>
 #include <cmath>
