@@ -1,11 +1,12 @@
-"""The native CPU kernels (``ttt_jax/math/cpu_kernel.py``, ``csrc/ttt_cpu.cc``):
-TTT-Linear's scan and its derivative, TTT-MLP's forward.
+"""The native CPU kernels (``ttt_jax/math/cpu_kernel.py``, ``csrc/ttt_cpu.cc``): the scan of
+both inner models and its derivative.
 
-Their outputs against the float64 numpy primal form (``tests/reference.py``) and the
-derivatives against autodiff of the plain dual form, for both inner models, at sizes that take the kernel's vector paths (f and b
-multiples of 16) and its scalar ones (f = 8, b = 4, a final partial mini-batch), with groups
-that do and do not divide the mini-batch count; the XLA scan it replaces is checked the same
-way with the kernel switched off. Also: how it is chosen, and its errors.
+Their outputs against the float64 numpy primal form (``tests/reference.py``) and their
+derivatives against autodiff of the plain dual form, at sizes that take the kernel's vector
+paths (f and b multiples of 16) and its scalar ones (f = 8, b = 4, a final partial
+mini-batch), with groups that do and do not divide the mini-batch count, on one thread and on
+two; TTT-Linear's XLA scan is checked the same way with the kernel switched off. Also: how
+the kernel is chosen, and its errors.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def test_kernel_outputs_match_the_primal_reference(size, kind):
 @pytest.mark.parametrize("kind,kernel", [("linear", True), ("linear", False), ("mlp", True)],
                          ids=["linear-kernel", "linear-xla-scan", "mlp-kernel"])
 @pytest.mark.parametrize("size", SIZES, ids=["vector", "scalar"])
-def test_hand_derivative_matches_autodiff(size, kind, kernel):
+def test_hand_derivative_matches_autodiff(size, kind, kernel, monkeypatch):
+    # Two threads even at these sizes (the kernel would take one): each runs half the chains.
+    monkeypatch.setenv("TTT_JAX_CPU_THREADS", "2")
     bsz, heads, f, b, length, group = size
     args = _inputs(bsz, heads, f, b, length, seed=3 * f + b, kind=kind)
     w_out = jnp.cos(jnp.arange(bsz * heads * length * f, dtype=jnp.float32))
