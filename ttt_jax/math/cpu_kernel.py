@@ -14,8 +14,8 @@ for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
 the CPU. ``TTT_JAX_CPU_KERNEL``: ``0`` never uses it; ``1`` requires it (an error when it
 cannot be built); unset, it is used when it builds, with a warning once when it does not.
 It serves one or two inner layers of float32 weights on a single CPU device; everything else
-runs the XLA scan. ``TTT_JAX_CPU_THREADS`` caps its threads (default: the CPUs this process
-may run on).
+runs the XLA scan. ``TTT_JAX_CPU_THREADS`` sets its threads (default: the CPUs this process
+may run on, fewer for small problems: ``_threads``).
 """
 
 from __future__ import annotations
