@@ -5,8 +5,8 @@ the CPU each op costs microseconds of dispatch besides its arithmetic. ``csrc/tt
 computes the same function in one call: one chain per (batch element, head), whose inner
 weights stay in the core's cache for the whole sequence, the chains spread over the cores.
 Its derivative is a second call that keeps the state every ``group`` mini-batches and
-recomputes the rest, as ``scan_tokens``' does. ``scan_linear`` (TTT-Linear) and ``scan_mlp``
-(TTT-MLP) are ``scan_tokens`` for one and two inner layers.
+recomputes the rest, as ``scan_tokens``' does. ``scan`` is ``scan_tokens`` for one inner layer
+(TTT-Linear) or two (TTT-MLP).
 
 The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
@@ -38,8 +38,13 @@ import numpy as np
 
 ENV = "TTT_JAX_CPU_KERNEL"
 SOURCE = Path(__file__).parent / "csrc" / "ttt_cpu.cc"
-_FORWARD, _BACKWARD = "ttt_jax_linear_forward", "ttt_jax_linear_backward"
-_MLP_FORWARD, _MLP_BACKWARD = "ttt_jax_mlp_forward", "ttt_jax_mlp_backward"
+# Per number of inner layers: the FFI targets of the forward and the derivative, and the
+# library's symbol of each.
+_TARGETS = {1: ("ttt_jax_linear_forward", "ttt_jax_linear_backward"),
+            2: ("ttt_jax_mlp_forward", "ttt_jax_mlp_backward")}
+_SYMBOLS = {"ttt_jax_linear_forward": "TttLinearForward",
+            "ttt_jax_linear_backward": "TttLinearBackward",
+            "ttt_jax_mlp_forward": "TttMlpForward", "ttt_jax_mlp_backward": "TttMlpBackward"}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "lib" or "error" once a build was tried
@@ -116,14 +121,9 @@ def load():
         if "lib" not in _loaded and "error" not in _loaded:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(build()))
-                jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.TttLinearForward),
-                                            platform="cpu")
-                jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TttLinearBackward),
-                                            platform="cpu")
-                jax.ffi.register_ffi_target(_MLP_FORWARD, jax.ffi.pycapsule(lib.TttMlpForward),
-                                            platform="cpu")
-                jax.ffi.register_ffi_target(_MLP_BACKWARD, jax.ffi.pycapsule(lib.TttMlpBackward),
-                                            platform="cpu")
+                for target, symbol in _SYMBOLS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                                platform="cpu")
                 _loaded["lib"] = lib
             except (KernelUnavailable, OSError) as err:
                 _loaded["error"] = err
@@ -205,108 +205,65 @@ def _f32(*xs):
     return tuple(jnp.asarray(x, jnp.float32) for x in xs)
 
 
-def _forward(w, bias, xs, tok, ln_weight, ln_bias, group):
-    n = xs[0].shape[1]
-    ng = -(-n // group)
-    out = (_spec(w.shape), _spec(bias.shape), _spec(xs[0].shape), _spec((ng, *w.shape)),
-           _spec((ng, *bias.shape)))
-    call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")
-    return call(*_f32(w, bias, *xs, tok, ln_weight, ln_bias), group=np.int64(group),
-                threads=np.int64(_threads(xs, (w,))))
+def _leaves(state):
+    return [a for layer in state for a in layer]
+
+
+def _layers(leaves):
+    """The inverse of ``_leaves``: ``(W, bias)`` pairs."""
+    return tuple(zip(leaves[0::2], leaves[1::2]))
+
+
+def _forward(state, xs, tok, ln_weight, ln_bias, group):
+    """The kernel's forward: the end state, ``z_bar`` and the state at every ``group``-th
+    mini-batch (stacked on a leading axis)."""
+    leaves = _leaves(state)
+    ng = -(-xs[0].shape[1] // group)
+    out = (*(_spec(a.shape) for a in leaves), _spec(xs[0].shape),
+           *(_spec((ng, *a.shape)) for a in leaves))
+    call = jax.ffi.ffi_call(_TARGETS[len(state)][0], out, vmap_method="sequential")
+    res = call(*_f32(*leaves, *xs, tok, ln_weight, ln_bias), group=np.int64(group),
+               threads=np.int64(_threads(xs, leaves[0::2])))
+    k = len(leaves)
+    return _layers(res[:k]), res[k], _layers(res[k + 1:])
 
 
 def _scan_plain(state, xs, tok, ln_weight, ln_bias, group):
-    (w, bias), = state
-    w1, b1, z, _, _ = _forward(w, bias, xs, tok, ln_weight, ln_bias, xs[0].shape[1])
-    return ((w1, b1),), z
-
-
-def _scan_fwd(state, xs, tok, ln_weight, ln_bias, group):
-    (w, bias), = state
-    w1, b1, z, w_starts, b_starts = _forward(w, bias, xs, tok, ln_weight, ln_bias, group)
-    res = (w_starts, b_starts, xs, tok, ln_weight, ln_bias)
-    return (((w1, b1),), z), res
-
-
-def _scan_bwd(group, res, cts):
-    w_starts, b_starts, xs, tok, ln_weight, ln_bias = res
-    (((dw, db),), dz) = cts
-    bsz, heads, f = w_starts.shape[1], w_starts.shape[2], w_starts.shape[-1]
-    b = tok.shape[0]
-    out = (_spec(w_starts.shape[1:]), _spec(b_starts.shape[1:]), *(_spec(x.shape) for x in xs),
-           _spec((bsz, heads, b)), _spec((bsz, heads, f)), _spec((bsz, heads, f)))
-    call = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")
-    dw0, db0, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb = call(
-        w_starts, b_starts, *_f32(*xs, tok, ln_weight, ln_bias, dw, db, dz),
-        group=np.int64(group), threads=np.int64(_threads(xs, (w_starts,))))
-    cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
-    d_xs = tuple(cast(d, x) for d, x in zip((dxq, dxk, dxv, dlr), xs))
-    return (((dw0, db0),), d_xs, cast(dtok.sum((0, 1)), tok),
-            cast(dlnw.sum(0).reshape(ln_weight.shape), ln_weight),
-            cast(dlnb.sum(0).reshape(ln_bias.shape), ln_bias))
-
-
-scan_linear = jax.custom_vjp(_scan_plain, nondiff_argnums=(5,))
-scan_linear.defvjp(_scan_fwd, _scan_bwd)
-scan_linear.__doc__ = """``ttt_scan.scan_tokens`` for one inner layer, in the native kernel.
-
-``scan_linear(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)``: ``state =
-((W [B, H, f, f], bias [B, H, 1, f]),)``, ``xs = (xq, xk, xv, lr)`` token-major
-``[B, n, b, H, f]`` (``lr: [B, n, b, H]``), ``tok: [b]``, ``ln_weight, ln_bias: [H, 1, f]``;
-the derivative keeps the state every ``group`` mini-batches. Call ``load()`` first (or let
-``use_kernel`` do it).
-"""
-
-
-def _mlp_forward(state, xs, tok, ln_weight, ln_bias, group):
-    leaves = [a for layer in state for a in layer]
-    n = xs[0].shape[1]
-    ng = -(-n // group)
-    out = (*(_spec(a.shape) for a in leaves), _spec(xs[0].shape),
-           *(_spec((ng, *a.shape)) for a in leaves))
-    call = jax.ffi.ffi_call(_MLP_FORWARD, out, vmap_method="sequential")
-    res = call(*_f32(*leaves, *xs, tok, ln_weight, ln_bias), group=np.int64(group),
-               threads=np.int64(_threads(xs, leaves[::2])))
-    end, z, starts = res[:4], res[4], res[5:]
-    pair = lambda a: ((a[0], a[1]), (a[2], a[3]))  # noqa: E731
-    return pair(end), z, pair(starts)
-
-
-def _mlp_fwd(state, xs, tok, ln_weight, ln_bias, group):
-    end, z, starts = _mlp_forward(state, xs, tok, ln_weight, ln_bias, group)
-    return (end, z), (starts, xs, tok, ln_weight, ln_bias)
-
-
-def _mlp_bwd(group, res, cts):
-    starts, xs, tok, ln_weight, ln_bias = res
-    d_end, dz = cts
-    leaves = [a for layer in starts for a in layer]
-    d_leaves = [a for layer in d_end for a in layer]
-    bsz, heads, f = leaves[0].shape[1], leaves[0].shape[2], leaves[0].shape[3]
-    b = tok.shape[0]
-    out = (*(_spec(a.shape[1:]) for a in leaves), *(_spec(x.shape) for x in xs),
-           _spec((bsz, heads, b)), _spec((bsz, heads, f)), _spec((bsz, heads, f)))
-    call = jax.ffi.ffi_call(_MLP_BACKWARD, out, vmap_method="sequential")
-    res = call(*leaves, *_f32(*xs, tok, ln_weight, ln_bias, *d_leaves, dz),
-               group=np.int64(group), threads=np.int64(_threads(xs, leaves[::2])))
-    dw1, db1, dw2, db2, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb = res
-    cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
-    d_xs = tuple(cast(d, x) for d, x in zip((dxq, dxk, dxv, dlr), xs))
-    return (((dw1, db1), (dw2, db2)), d_xs, cast(dtok.sum((0, 1)), tok),
-            cast(dlnw.sum(0).reshape(ln_weight.shape), ln_weight),
-            cast(dlnb.sum(0).reshape(ln_bias.shape), ln_bias))
-
-
-def _mlp_plain(state, xs, tok, ln_weight, ln_bias, group):
-    end, z, _ = _mlp_forward(state, xs, tok, ln_weight, ln_bias, xs[0].shape[1])
+    end, z, _ = _forward(state, xs, tok, ln_weight, ln_bias, xs[0].shape[1])
     return end, z
 
 
-scan_mlp = jax.custom_vjp(_mlp_plain, nondiff_argnums=(5,))
-scan_mlp.defvjp(_mlp_fwd, _mlp_bwd)
-scan_mlp.__doc__ = """``ttt_scan.scan_tokens`` for TTT-MLP (``f -> h -> f``), in the native kernel.
+def _scan_fwd(state, xs, tok, ln_weight, ln_bias, group):
+    end, z, starts = _forward(state, xs, tok, ln_weight, ln_bias, group)
+    return (end, z), (starts, xs, tok, ln_weight, ln_bias)
 
-``scan_mlp(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)``, ``state =
-((W1 [B, H, f, h], b1 [B, H, 1, h]), (W2 [B, H, h, f], b2 [B, H, 1, f]))``, the rest as
-``scan_linear``.
+
+def _scan_bwd(group, res, cts):
+    starts, xs, tok, ln_weight, ln_bias = res
+    d_end, dz = cts
+    leaves, d_leaves = _leaves(starts), _leaves(d_end)
+    bsz, heads, f = leaves[0].shape[1], leaves[0].shape[2], leaves[0].shape[3]
+    out = (*(_spec(a.shape[1:]) for a in leaves), *(_spec(x.shape) for x in xs),
+           _spec((bsz, heads, tok.shape[0])), _spec((bsz, heads, f)), _spec((bsz, heads, f)))
+    call = jax.ffi.ffi_call(_TARGETS[len(starts)][1], out, vmap_method="sequential")
+    res = call(*leaves, *_f32(*xs, tok, ln_weight, ln_bias, *d_leaves, dz),
+               group=np.int64(group), threads=np.int64(_threads(xs, leaves[0::2])))
+    k = len(leaves)
+    d_xs, (dtok, dlnw, dlnb) = res[k:k + 4], res[k + 4:]
+    cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
+    return (_layers(res[:k]), tuple(cast(d, x) for d, x in zip(d_xs, xs)),
+            cast(dtok.sum((0, 1)), tok), cast(dlnw.sum(0).reshape(ln_weight.shape), ln_weight),
+            cast(dlnb.sum(0).reshape(ln_bias.shape), ln_bias))
+
+
+scan = jax.custom_vjp(_scan_plain, nondiff_argnums=(5,))
+scan.defvjp(_scan_fwd, _scan_bwd)
+scan.__doc__ = """``ttt_scan.scan_tokens`` in the native kernel, for one inner layer (TTT-Linear)
+or two (TTT-MLP, ``f -> h -> f``).
+
+``scan(state, xs, tok, ln_weight, ln_bias, group) -> (state, z_bar)``: ``state`` a tuple of
+``(W [B, H, f_in, f_out], bias [B, H, 1, f_out])`` layers, ``xs = (xq, xk, xv, lr)``
+token-major ``[B, n, b, H, f]`` (``lr: [B, n, b, H]``), ``tok: [b]``,
+``ln_weight, ln_bias: [H, 1, f]``; the derivative keeps the state every ``group``
+mini-batches. Call ``load()`` first (or let ``use_kernel`` do it).
 """

@@ -74,8 +74,8 @@ def _scan(step: Callable, carry, xs, group: int):
 def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
     """``n`` whole mini-batches, token-major ``[B, n, b, H, ...]`` in and ``z_bar`` out.
 
-    ``hand_vjp``: ``scan_tokens``, or on the CPU the native kernel (``cpu_kernel.scan_linear``
-    / ``scan_mlp``, when ``cpu_kernel.use_kernel``); otherwise the same steps differentiated by autodiff under
+    ``hand_vjp``: ``scan_tokens``, or on the CPU the native kernel (``cpu_kernel.scan``,
+    when ``cpu_kernel.use_kernel``); otherwise the same steps differentiated by autodiff under
     ``jax.checkpoint`` (``_scan``), on inputs transposed to ``[n, B, H, b, ...]``.
     """
     n = xs[0].shape[1]
@@ -84,12 +84,10 @@ def _dual_chunks(state, xs, tok, ln_weight, ln_bias, group, hand_vjp, lanes):
         group = auto_group(state, (bsz, heads, b, f), ln_weight, ln_bias, n)
     if hand_vjp:
         lane_slices(xs[0].shape[3], lanes)  # a bad ``lanes`` is an error whichever scan runs
+        group = min(max(group, 1), n)
         if cpu_kernel.use_kernel(state):
-            group = min(max(group, 1), n)
-            if len(state) == 1:
-                return cpu_kernel.scan_linear(state, xs, tok, ln_weight, ln_bias, group)
-            return cpu_kernel.scan_mlp(state, xs, tok, ln_weight, ln_bias, group)
-        return scan_tokens(state, xs, tok, ln_weight, ln_bias, min(max(group, 1), n), lanes)
+            return cpu_kernel.scan(state, xs, tok, ln_weight, ln_bias, group)
+        return scan_tokens(state, xs, tok, ln_weight, ln_bias, group, lanes)
     xs = tuple(jnp.moveaxis(jnp.swapaxes(x, 2, 3), 1, 0) for x in xs)  # [n, B, H, b, ...]
 
     def step(carry, x):
