@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.config import ModelConfig
+from ttt_jax.math.dense import dense_dot
 from ttt_jax.math.rope import position_angles, rotate
 from ttt_jax.types import SequenceMetadata
 
@@ -79,7 +80,7 @@ class SlidingWindowAttention(nn.Module):
                              f"{t.model_dim}], got {x.shape}")
         normal = nn.initializers.normal(t.initializer_range)
         dense = lambda name: nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=normal,
-                                      name=name)
+                                      name=name, dot_general=dense_dot)
 
         def heads(y):  # [B, L, d] -> [B, H, L, f] float32
             y = y.reshape(bsz, length, t.num_heads, t.head_dim)

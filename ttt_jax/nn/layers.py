@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.math.dense import dense_dot
 from ttt_jax.math.layernorm import layer_norm_lean
 
 
@@ -80,7 +81,8 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name,
-                                         kernel_init=nn.initializers.normal(self.init_std))
+                                         kernel_init=nn.initializers.normal(self.init_std),
+                                         dot_general=dense_dot)
         h = nn.silu(dense(self.hidden, "gate_proj")(x)) * dense(self.hidden, "up_proj")(x)
         return dense(x.shape[-1], "down_proj")(h)
 

@@ -19,6 +19,7 @@ from ttt_jax.config import TTTConfig
 from ttt_jax.math.inner import gelu_tanh
 from ttt_jax.math.rope import apply_bounded_rope
 from ttt_jax.math import inner
+from ttt_jax.math.dense import dense_dot
 from ttt_jax.math.ttt import ttt_dual_tokens
 from ttt_jax.math.ttt_stream import ttt_stream, ttt_token
 from ttt_jax.nn.layers import CausalDepthwiseConv, LayerNorm, last_inputs
@@ -60,7 +61,8 @@ class TTTLayer(nn.Module):
         d, h, f, b = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.mini_batch_size
         normal = nn.initializers.normal(cfg.initializer_range)
         dense = lambda name, init=normal: nn.Dense(d, use_bias=False, dtype=self.dtype,
-                                                   kernel_init=init, name=name)
+                                                   kernel_init=init, name=name,
+                                                   dot_general=dense_dot)
         self.q_proj = dense("q_proj")
         if cfg.share_qk:
             self.conv_q = CausalDepthwiseConv(cfg.conv_kernel, self.dtype)
