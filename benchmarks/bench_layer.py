@@ -329,7 +329,7 @@ def scaling(records: list, layer_type: str, mode: str, ref_len: int) -> Optional
     ``bytes_per_token`` is the least-squares slope of ``peak_bytes`` against ``L`` (per batch
     row and token: divided by ``B``) and ``memory_fit_max_rel_err`` how far the points are
     from that line; the ``_from_ref`` pair is the same fit over ``L >= ref_len`` only (the
-    lengths that run in spans of ``TTTConfig.seq_chunk``, 2048 by default).
+    lengths that run in spans by default: ``TTTConfig.span_length``, 1024 or 2048 tokens).
     """
     recs = sorted((r for r in records if r["ttt_layer_type"] == layer_type and r["mode"] == mode),
                   key=lambda r: r["L"])

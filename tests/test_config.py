@@ -235,7 +235,7 @@ def test_bad_ttt_config(kwargs, words):
 
 @pytest.mark.parametrize("seq_chunk, kind, span", [
     (0, "linear", 0), (2048, "mlp", 2048), (100, "linear", 96), (5, "mlp", 16),
-    (None, "linear", 1024), (None, "mlp", 0)])
+    (None, "linear", 1024), (None, "mlp", 2048)])
 def test_span_length_is_whole_mini_batches(seq_chunk, kind, span):
     cfg = TTTConfig(model_dim=16, num_heads=2, ttt_layer_type=kind, seq_chunk=seq_chunk)
     assert cfg.span_length == span

@@ -14,8 +14,8 @@ SeqModeling = Literal["ttt", "swa"]
 
 # The width of TTT-MLP's hidden layer, in multiples of the head dim (docs/architecture.md §1.5).
 MLP_EXPANSION = 4
-# TTT-Linear's span length when ``seq_chunk`` is not set (docs/architecture.md §1.9).
-DEFAULT_SPAN = 1024
+# The span length per inner model when ``seq_chunk`` is not set (docs/architecture.md §1.9).
+DEFAULT_SPANS = {"linear": 1024, "mlp": 2048}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,9 @@ class TTTConfig:
         projections' arrays stay the size of a span, so the time per token stays flat at long
         lengths and the memory is lower (benchmarks/README.md). Rounded down to a multiple of
         ``mini_batch_size`` (at least one mini-batch: ``span_length``); 0: the whole sequence
-        at once; None (the default): ``DEFAULT_SPAN`` (1024) for TTT-Linear, 0 for TTT-MLP,
-        whose inner loop is most of its time (spans gain it little; its fwd+bwd measured
-        4-12 % slower in spans at L=8192 on the CPU).
+        at once; None (the default): ``DEFAULT_SPANS``, 1024 for TTT-Linear and 2048 for
+        TTT-MLP (with the CPU kernel, TTT-MLP's forward at L=8192 ran 1.29x faster in spans
+        of 2048 than whole, its fwd+bwd the same; benchmarks/README.md).
       initializer_range: std of the normal initialiser of projections and inner weights.
     """
 
@@ -108,7 +108,7 @@ class TTTConfig:
         """``seq_chunk`` (or its default) in whole mini-batches (at least one); 0: no spans."""
         chunk = self.seq_chunk
         if chunk is None:
-            chunk = DEFAULT_SPAN if self.ttt_layer_type == "linear" else 0
+            chunk = DEFAULT_SPANS[self.ttt_layer_type]
         if not chunk:
             return 0
         b = self.mini_batch_size
