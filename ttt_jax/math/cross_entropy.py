@@ -91,8 +91,9 @@ def _fwd(h, w, targets, mask, chunk, vocab_axis):
         hc, tc, mc = xs
         logits = _logits(hc, w, vocab_axis)
         loss, lse = _chunk_loss(logits, tc, mc)
-        dlogits = jnp.exp(logits - lse[:, None])
-        dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-1.0) * mc[:, None]
+        # the mask scales the softmax in the same pass; the one-hot part is then c writes
+        dlogits = jnp.exp(logits - lse[:, None]) * mc[:, None]
+        dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-mc)
         dh = _dot(dlogits, w, 1, vocab_axis)  # [c, d]
         # dW: h^T dlogits laid out as W
         dw = dw + (_dot(dlogits, hc, 0, 0) if vocab_axis == 0 else _dot(hc, dlogits, 0, 0))
