@@ -268,6 +268,31 @@ def test_an_unreadable_step_is_one_error_line(trained, tmp_path):
                       tmp_path)
 
 
+
+def test_unretrieved_failures_of_other_reads_are_not_logged(caplog):
+    """When one read of a restore fails, the reads still in flight fail too and asyncio logs
+    each as "Future exception was never retrieved" when it is collected; ``quiet_orbax`` drops
+    those of tensorstore reads (the restore's failure is reported once) and nothing else."""
+    import asyncio
+    import gc
+
+    from ttt_jax.checkpoint.integrity import quiet_orbax
+
+    quiet_orbax()
+    loop = asyncio.new_event_loop()
+    try:
+        for text in ('NOT_FOUND: Error opening "zarr" driver: [tensorstore_spec=\'{}\']',
+                     "an unrelated failure"):
+            future = loop.create_future()
+            future.set_exception(ValueError(text))
+            del future
+            gc.collect()
+    finally:
+        loop.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 1 and "an unrelated failure" in logged[0], logged
+
+
 # ---------------------------------------------------------------- 4. signals
 
 def start_training(run_dir, *overrides):

@@ -13,8 +13,9 @@ process would see a different part of them.
 
 Orbax's own noise is kept off the terminal, so a command's error stays one line: the
 ``absl`` warnings of a read-only manager, its "Failed to json parse" errors (the failure is
-reported by us, once), and the "Event loop is closed" tracebacks that tensorstore prints (as
-unraisable exceptions) when a read fails while other reads are still in flight.
+reported by us, once), and what a failed read leaves behind while other reads are still in
+flight: tensorstore's "Event loop is closed" tracebacks (unraisable exceptions) and asyncio's
+"Future exception was never retrieved" records of the other reads' failures.
 """
 
 from __future__ import annotations
@@ -139,17 +140,35 @@ class _OrbaxNoise(logging.Filter):
 
 _FILTER = _OrbaxNoise()
 
+_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+class _ReadFailures(logging.Filter):
+    """asyncio's "exception was never retrieved" records of tensorstore reads: when one read
+    of a restore fails, the reads still in flight fail too and are never awaited."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(_UNRETRIEVED) and "tensorstore" in message)
+
+
+_READS = _ReadFailures()
+
 
 def _is_loop_closed(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
 def quiet_orbax() -> None:
-    """Drops Orbax's read-only and metadata-parse log lines and tensorstore's "Event loop is
-    closed" tracebacks; every other log record and unraisable exception is reported as usual."""
+    """Drops Orbax's read-only and metadata-parse log lines, tensorstore's "Event loop is
+    closed" tracebacks and asyncio's never-retrieved failures of tensorstore reads; every other
+    log record and unraisable exception is reported as usual."""
     absl_logger = logging.getLogger("absl")
     if _FILTER not in absl_logger.filters:
         absl_logger.addFilter(_FILTER)
+    asyncio_logger = logging.getLogger("asyncio")
+    if _READS not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_READS)
     if getattr(sys.unraisablehook, "_ttt_jax_quiet", False):
         return
     previous = sys.unraisablehook
