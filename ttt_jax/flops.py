@@ -81,7 +81,7 @@ def jaxpr_flops(jaxpr) -> float:
 def forward_flops(fn: Callable, *args: Any) -> float:
     """FLOPs of the matrix products of ``fn(*args)``, traced with abstract values only.
 
-    Traced with TTT-Linear's CPU kernel off (``cpu_kernel.disabled``): its products are inside
+    Traced with the CPU kernel off (``cpu_kernel.disabled``): its products are inside
     one opaque call, so the trace takes the XLA scan, whose products are the same.
     """
     with cpu_kernel.disabled():
