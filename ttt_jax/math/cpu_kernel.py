@@ -6,16 +6,17 @@ computes the same function in one call: one chain per (batch element, head), who
 weights stay in the core's cache for the whole sequence, the chains spread over the cores.
 Its derivative is a second call that keeps the state every ``group`` mini-batches and
 recomputes the rest, as ``scan_tokens``' does. ``scan`` is ``scan_tokens`` for one inner layer
-(TTT-Linear) or two (TTT-MLP).
+(TTT-Linear) or two (TTT-MLP). The same library holds the LM head's softmax pass
+(``csrc/xent_cpu.cc``, called by ``cross_entropy.fused_cross_entropy``).
 
-The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
+The sources are compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
-``~/.cache/ttt_jax/kernels``), keyed by the source, the compiler command, jax's version and
+``~/.cache/ttt_jax/kernels``), keyed by the sources, the compiler command, jax's version and
 the CPU. ``TTT_JAX_CPU_KERNEL``: ``0`` never uses it; ``1`` requires it (an error when it
 cannot be built); unset, it is used when it builds, with a warning once when it does not.
 It serves one or two inner layers of float32 weights on a single CPU device; everything else
 runs the XLA scan. ``TTT_JAX_CPU_THREADS`` sets its threads (default: the CPUs this process
-may run on, fewer for small problems: ``_threads``).
+may run on, fewer for small problems: ``threads``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,18 @@ import numpy as np
 
 ENV = "TTT_JAX_CPU_KERNEL"
 SOURCE = Path(__file__).parent / "csrc" / "ttt_cpu.cc"
+# Compiled into the same library: the LM head's softmax pass (``cross_entropy.py``); both
+# include ``simd.h``.
+SOURCES = (SOURCE, SOURCE.with_name("xent_cpu.cc"))
+_HEADERS = (SOURCE.with_name("simd.h"),)
 # Per number of inner layers: the FFI targets of the forward and the derivative, and the
 # library's symbol of each.
 _TARGETS = {1: ("ttt_jax_linear_forward", "ttt_jax_linear_backward"),
             2: ("ttt_jax_mlp_forward", "ttt_jax_mlp_backward")}
 _SYMBOLS = {"ttt_jax_linear_forward": "TttLinearForward",
             "ttt_jax_linear_backward": "TttLinearBackward",
-            "ttt_jax_mlp_forward": "TttMlpForward", "ttt_jax_mlp_backward": "TttMlpBackward"}
+            "ttt_jax_mlp_forward": "TttMlpForward", "ttt_jax_mlp_backward": "TttMlpBackward",
+            "ttt_jax_softmax_xent": "TttSoftmaxXent"}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "lib" or "error" once a build was tried
@@ -91,8 +97,8 @@ def build() -> Path:
     """
     cmd = _compiler() + _flags()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cmd).encode(), jax.__version__.encode(),
-                 _cpu_tag().encode()):
+    for part in (*(src.read_bytes() for src in SOURCES + _HEADERS), " ".join(cmd).encode(),
+                 jax.__version__.encode(), _cpu_tag().encode()):
         key.update(part)
     out = cache_dir() / f"ttt_cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -101,10 +107,11 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(cmd + [str(SOURCE), "-o", tmp, "-lpthread"], capture_output=True,
-                              text=True)
+        proc = subprocess.run(cmd + [str(src) for src in SOURCES] + ["-o", tmp, "-lpthread"],
+                              capture_output=True, text=True)
         if proc.returncode:
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd[:1])} exit "
+            names = ", ".join(src.name for src in SOURCES)
+            raise KernelUnavailable(f"compiling {names} failed ({' '.join(cmd[:1])} exit "
                                     f"status {proc.returncode}):\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)
     except FileNotFoundError as err:
@@ -147,16 +154,23 @@ def disabled():
 def use_kernel(state) -> bool:
     """Whether the scan of ``state`` (a tuple of ``(W, bias)`` layers) runs in the kernel.
 
-    One inner layer (TTT-Linear) or two (TTT-MLP) of float32 weights, the CPU backend with a
-    single device, ``TTT_JAX_CPU_KERNEL`` not ``0``,
-    outside ``disabled()``, and the kernel built.
+    One inner layer (TTT-Linear) or two (TTT-MLP) of float32 weights, and ``available()``.
     """
+    if len(state) not in (1, 2):
+        return False
+    if any(jnp.result_type(a) != jnp.float32 for a in jax.tree.leaves(state)):
+        return False
+    return available()
+
+
+def available() -> bool:
+    """Whether the native library runs here: the CPU backend with a single device,
+    ``TTT_JAX_CPU_KERNEL`` not ``0``, outside ``disabled()``, and the library built (with
+    ``TTT_JAX_CPU_KERNEL=1`` a failed build raises; unset, it warns once)."""
     mode = os.environ.get(ENV, "").strip()
     if mode not in ("", "0", "1"):
         raise ValueError(f"{ENV}={mode!r}: expected 0 (off), 1 (required) or unset (auto)")
-    if mode == "0" or getattr(_off, "depth", 0) or len(state) not in (1, 2):
-        return False
-    if any(jnp.result_type(a) != jnp.float32 for a in jax.tree.leaves(state)):
+    if mode == "0" or getattr(_off, "depth", 0):
         return False
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
@@ -167,7 +181,7 @@ def use_kernel(state) -> bool:
             raise
         if not _loaded.get("warned"):
             _loaded["warned"] = True
-            warnings.warn(f"the TTT CPU kernel is unavailable, using the XLA scan ({err}); "
+            warnings.warn(f"the TTT CPU kernel is unavailable, using XLA's ops ({err}); "
                           f"{ENV}=0 silences this", RuntimeWarning, stacklevel=2)
         return False
     return True
@@ -179,9 +193,9 @@ def use_kernel(state) -> bool:
 _MIN_WORK_PER_THREAD = 1 << 20
 
 
-def _threads(xs, state_leaves) -> int:
-    """Threads for one call: ``TTT_JAX_CPU_THREADS``, else the CPUs this process may use, at
-    most one per ``_MIN_WORK_PER_THREAD`` of work (``xs``: the token-major inputs)."""
+def threads(work: int, min_work_per_thread: int) -> int:
+    """Threads for one native call: ``TTT_JAX_CPU_THREADS``, else the CPUs this process may
+    use, at most one per ``min_work_per_thread`` of ``work``."""
     env = os.environ.get("TTT_JAX_CPU_THREADS")
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -191,10 +205,14 @@ def _threads(xs, state_leaves) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
+    return max(1, min(cpus, work // min_work_per_thread))
+
+
+def _threads(xs, state_leaves) -> int:
+    """``threads`` of the scan (``xs``: the token-major inputs)."""
     bsz, n, b, heads, _ = xs[0].shape
     weights = sum(a.shape[-2] * a.shape[-1] for a in state_leaves)  # the W of each layer
-    work = n * bsz * heads * b * weights
-    return max(1, min(cpus, work // _MIN_WORK_PER_THREAD))
+    return threads(n * bsz * heads * b * weights, _MIN_WORK_PER_THREAD)
 
 
 def _spec(shape):

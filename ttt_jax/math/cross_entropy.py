@@ -8,7 +8,9 @@ gradients at once (``dlogits = mask * (softmax - onehot)``, ``dh = dlogits W^T``
 ``dW += h^T dlogits``), so the backward pass only scales them by the incoming cotangent. Same
 matmuls as the unfused loss (logits, ``dh``, ``dW``); the memory of the head is that of one
 chunk's logits instead of several ``[N, V]`` float32 arrays (about 0.5 GiB each at
-``N = 4096``, ``V = 32000``).
+``N = 4096``, ``V = 32000``). Where ``cpu_kernel.available()`` (a single CPU device), the
+softmax part of each chunk is one native call (``csrc/xent_cpu.cc``) that turns the logits into
+``dlogits`` in place, row by row (docs/architecture.md §2).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from ttt_jax.math import cpu_kernel
+
 # Tokens per chunk by default: a 1024 x 32000 float32 chunk of logits is 125 MiB.
 DEFAULT_CHUNK = 1024
+# Below this many logits per thread the native softmax pass runs on one thread.
+_MIN_SOFTMAX_PER_THREAD = 1 << 16
 
 
 def cross_entropy(logits: Float[Array, "B L V"], targets: Int[Array, "B L"],
@@ -68,7 +74,19 @@ def _chunk_loss(logits, targets, mask):
     return jnp.sum(mask * (lse - picked)), lse
 
 
-def _plain(h, w, targets, mask, chunk, vocab_axis):
+def _softmax_xent_native(logits, targets, mask):
+    """``(dlogits, losses)`` of one chunk in the native library (``csrc/xent_cpu.cc``):
+    ``mask * (softmax - onehot)`` in place of the logits, and ``mask * (lse - picked)``."""
+    rows, vocab = logits.shape
+    out = (jax.ShapeDtypeStruct(logits.shape, jnp.float32),
+           jax.ShapeDtypeStruct((rows,), jnp.float32))
+    call = jax.ffi.ffi_call("ttt_jax_softmax_xent", out, vmap_method="sequential",
+                            input_output_aliases={0: 0})
+    threads = cpu_kernel.threads(rows * vocab, _MIN_SOFTMAX_PER_THREAD)
+    return call(logits, targets.astype(jnp.int32), mask, threads=np.int64(threads))
+
+
+def _plain(h, w, targets, mask, chunk, vocab_axis, native):
     hs, ts, ms = _chunks(h.astype(jnp.float32), targets, mask, chunk)
     w = w.astype(jnp.float32)
 
@@ -81,7 +99,7 @@ def _plain(h, w, targets, mask, chunk, vocab_axis):
     return total
 
 
-def _fwd(h, w, targets, mask, chunk, vocab_axis):
+def _fwd(h, w, targets, mask, chunk, vocab_axis, native):
     h_dtype, w_dtype = h.dtype, w.dtype
     hs, ts, ms = _chunks(h.astype(jnp.float32), targets, mask, chunk)
     w = w.astype(jnp.float32)
@@ -90,10 +108,14 @@ def _fwd(h, w, targets, mask, chunk, vocab_axis):
         total, dw = carry
         hc, tc, mc = xs
         logits = _logits(hc, w, vocab_axis)
-        loss, lse = _chunk_loss(logits, tc, mc)
-        # the mask scales the softmax in the same pass; the one-hot part is then c writes
-        dlogits = jnp.exp(logits - lse[:, None]) * mc[:, None]
-        dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-mc)
+        if native:
+            dlogits, losses = _softmax_xent_native(logits, tc, mc)
+            loss = jnp.sum(losses)
+        else:
+            loss, lse = _chunk_loss(logits, tc, mc)
+            # the mask scales the softmax in the same pass; the one-hot part is then c writes
+            dlogits = jnp.exp(logits - lse[:, None]) * mc[:, None]
+            dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-mc)
         dh = _dot(dlogits, w, 1, vocab_axis)  # [c, d]
         # dW: h^T dlogits laid out as W
         dw = dw + (_dot(dlogits, hc, 0, 0) if vocab_axis == 0 else _dot(hc, dlogits, 0, 0))
@@ -105,18 +127,17 @@ def _fwd(h, w, targets, mask, chunk, vocab_axis):
     return total, (dh.astype(h_dtype), dw.astype(w_dtype), targets, mask)
 
 
-def _bwd(chunk, vocab_axis, res, g):
-    del chunk, vocab_axis
+def _bwd(chunk, vocab_axis, native, res, g):
+    del chunk, vocab_axis, native
     dh, dw, targets, mask = res
     d_targets = np.zeros(targets.shape, jax.dtypes.float0)
     return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), d_targets, jnp.zeros_like(mask)
 
 
-_fused = jax.custom_vjp(_plain, nondiff_argnums=(4, 5))
+_fused = jax.custom_vjp(_plain, nondiff_argnums=(4, 5, 6))
 _fused.defvjp(_fwd, _bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "vocab_axis"))
 def fused_cross_entropy(h: Float[Array, "N d"], w: Float[Array, "..."],
                         targets: Int[Array, "N"], mask: Float[Array, "N"] | None = None, *,
                         chunk: int = DEFAULT_CHUNK, vocab_axis: int = 0):
@@ -141,8 +162,14 @@ def fused_cross_entropy(h: Float[Array, "N d"], w: Float[Array, "..."],
                          f"(vocab_axis={vocab_axis}) do not share the model dim")
     if chunk <= 0:
         raise ValueError(f"chunk: expected a positive number of tokens, got {chunk}")
+    return _fused_cross_entropy(h, w, targets, mask, chunk=chunk, vocab_axis=vocab_axis,
+                                native=cpu_kernel.available())
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "vocab_axis", "native"))
+def _fused_cross_entropy(h, w, targets, mask, *, chunk: int, vocab_axis: int, native: bool):
     weights = (jnp.ones(targets.shape, jnp.float32) if mask is None
                else mask.astype(jnp.float32))
     chunk = min(chunk, h.shape[0])
-    total = _fused(h, w, targets.astype(jnp.int32), weights, chunk, vocab_axis)
+    total = _fused(h, w, targets.astype(jnp.int32), weights, chunk, vocab_axis, native)
     return total, jnp.sum(weights)

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -68,12 +69,6 @@ inline void load_rows(const float* src, int64_t stride, int64_t b, int64_t f, fl
 inline void store_rows(const float* src, int64_t b, int64_t f, float* dst, int64_t stride) {
   copy_rows(src, f, b, f, dst, stride);
 }
-
-// 16 floats: one AVX-512 register, or two AVX2 ones (gcc's vector extension; unaligned).
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
 // C += A M on a block of 16 V columns: A: [rows, inner], M: rows `ld` apart, C: rows `ld`
 // apart (M and C point at the block's first column). Four rows at a time in registers.
@@ -143,8 +138,6 @@ inline float mean(const float* __restrict x, int64_t f) {
   return s / static_cast<float>(f);
 }
 
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
-
 // One 16 x 16 block: rows of A `lda` apart to rows of T `ldt` apart, transposed in registers
 // (four rounds, each swapping the off-diagonal blocks of size 8, 4, 2, 1 of every pair).
 inline void transpose16(const float* __restrict A, int64_t lda, float* __restrict T,
@@ -179,24 +172,6 @@ inline void transpose(const float* __restrict A, int64_t rows, int64_t cols,
     for (int64_t j = 0; j < cols; ++j) T[j * rows + i] = A[i * cols + j];
 }
 
-
-// exp(x) for |x| <= 20: 2^k e^r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (relative error below 2e-7).
-inline v16 exp16(v16 x) {
-  const v16 kf = __builtin_convertvector(
-      __builtin_convertvector(x * 1.44269504f + 64.5f, vi16) - 64, v16);  // round(x / ln2)
-  const v16 r = (x - kf * 0.693145752f) - kf * 1.42860677e-6f;
-  v16 p = 1.f / 5040.f + r * 0.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vi16 bits = (__builtin_convertvector(kf, vi16) + 127) << 23;
-  return p * __builtin_bit_cast(v16, bits);
-}
 
 // tanh(y) = (e^{2y} - 1) / (e^{2y} + 1), y clamped to [-9, 9] (tanh is +-1 in float beyond).
 inline v16 tanh16(v16 y) {
