@@ -19,8 +19,10 @@ cross-entropy, ``ModelConfig.loss_chunk`` tokens at a time), the same params (ma
 and loss checked).
 
 Timing: every function is compiled first; then the two implementations run alternately,
-``--repeats`` times each (after ``--warmup`` untimed runs), and the medians are compared, so a
-busy machine slows both alike. ``ratio = ours tokens/s / official tokens/s`` (> 1: ours is
+``--repeats`` samples each (after ``--warmup`` untimed runs), and the medians are compared, so a
+busy machine slows both alike. A sample repeats a call back to back until it lasts about
+``--min-sample-s`` (0.25 s; the count is ``calls_per_sample``), so a forward of a few ms is
+timed over tens of calls rather than one. ``ratio = ours tokens/s / official tokens/s`` (> 1: ours is
 faster). Memory: ``peak_bytes`` = argument + output + temp bytes from the compiled executable's
 ``memory_analysis()`` (what XLA plans to allocate; the same measure for both).
 
@@ -60,6 +62,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import statistics
 import sys
 import time
@@ -274,19 +277,30 @@ def compile_fn(fn: Callable, args: tuple):
     return compiled, time.perf_counter() - t0
 
 
-def time_pair(fns: dict[str, Any], args: dict[str, tuple], repeats: int, warmup: int):
-    """Runs the compiled functions alternately; returns per-impl times and last outputs."""
-    outs = {}
+def time_pair(fns: dict[str, Any], args: dict[str, tuple], repeats: int, warmup: int,
+              min_sample_s: float = 0.0):
+    """Runs the compiled functions alternately; returns per-impl times (seconds per call) and
+    last outputs. A sample of a function runs it back to back (each call waited for) as many
+    times as the warm-up says it takes to fill ``min_sample_s``, so that a call of a few ms is
+    not one scheduler tick away from a different figure; the count per sample is returned too.
+    """
+    outs, last = {}, {}
     for _ in range(warmup):
         for name, fn in fns.items():
             outs[name] = jax.block_until_ready(fn(*args[name]))
+    for name, fn in fns.items():  # one more call each, timed, to size the samples
+        t0 = time.perf_counter()
+        outs[name] = jax.block_until_ready(fn(*args[name]))
+        last[name] = time.perf_counter() - t0
+    calls = {name: max(1, math.ceil(min_sample_s / max(last[name], 1e-6))) for name in fns}
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            outs[name] = jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return times, outs
+            for _ in range(calls[name]):
+                outs[name] = jax.block_until_ready(fn(*args[name]))
+            times[name].append((time.perf_counter() - t0) / calls[name])
+    return times, outs, calls
 
 
 def _record(kind: str, tokens: int, times: dict, compiled: dict, compile_s: dict, **extra):
@@ -357,7 +371,8 @@ def bench_layer(official_mod, layer_type: str, length: int, args) -> None:
         compiled, compile_s = {}, {}
         for name in fns:
             compiled[name], compile_s[name] = compile_fn(fns[name], call_args[name])
-        times, outs = time_pair(compiled, call_args, args.repeats, args.warmup)
+        times, outs, calls = time_pair(compiled, call_args, args.repeats, args.warmup,
+                                       args.min_sample_s)
         if mode == "fwd":
             diff = _max_abs(outs["ours"], outs["official"])
         else:  # the loss and the input gradient (param trees differ in layout)
@@ -366,7 +381,8 @@ def bench_layer(official_mod, layer_type: str, length: int, args) -> None:
         rec = _record("result", args.batch * length, times, compiled, compile_s,
                       what="layer", ttt_layer_type=layer_type, mode=mode, L=length, B=args.batch,
                       d=args.dim, H=args.heads, b=args.mini_batch, ours_group=args.group,
-                      official_group=args.official_group, max_abs_diff=diff)
+                      official_group=args.official_group, max_abs_diff=diff,
+                      calls_per_sample=calls)
         emit(rec, args.out)
         if diff > args.atol:
             raise SystemExit(f"outputs disagree: max abs diff {diff:.3g} > --atol {args.atol}")
@@ -456,14 +472,15 @@ def bench_model(model_mod, layer_type: str, args) -> None:
     compiled, compile_s = {}, {}
     for name in fns:
         compiled[name], compile_s[name] = compile_fn(fns[name], call_args[name])
-    times, outs = time_pair(compiled, call_args, args.model_repeats, args.warmup)
+    times, outs, calls = time_pair(compiled, call_args, args.model_repeats, args.warmup,
+                                   args.min_sample_s)
     diff = max(diff, abs(float(outs["ours"][2]) - float(outs["official"][2])))
     rec = _record("result", args.batch * length, times, compiled, compile_s,
                   what="train_step", ttt_layer_type=layer_type, mode="train_step", L=length,
                   B=args.batch, d=args.dim, H=args.heads, b=args.mini_batch, layers=layers,
                   vocab=vocab, intermediate=args.intermediate, ours_group=ttt.scan_checkpoint_group,
                   official_group=args.official_group, ours_loss_chunk=ours.config.loss_chunk,
-                  max_abs_diff=diff)
+                  max_abs_diff=diff, calls_per_sample=calls)
     emit(rec, args.out)
     if diff > args.atol:
         raise SystemExit(f"logits disagree: max abs diff {diff:.3g} > --atol {args.atol}")
@@ -479,6 +496,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each (median)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-sample-s", type=float, default=0.25,
+                   help="each timed sample repeats a call until it lasts about this long")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
