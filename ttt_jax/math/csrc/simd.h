@@ -12,8 +12,9 @@ inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
 // exp(x) as 2^k e^r, k = round(x / ln2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (relative error below 2e-7). Valid for -(Offset - 1) ln2 < x < 88: the default covers
-// |x| <= 20 (the TTT kernel's uses); Offset 126 covers -87 <= x <= 0 (a softmax).
+// (relative error below 2e-7). Valid for -(Offset + 0.5) ln2 < x < 88 (the rounding needs
+// x / ln2 + Offset + 0.5 > 0, the exponent k >= -126): the default covers the TTT kernel's
+// |x| <= 20; Offset 126 covers a softmax's -87 <= x <= 0.
 template <int Offset = 64>
 inline v16 exp16(v16 x) {
   const v16 kf = __builtin_convertvector(
