@@ -22,9 +22,10 @@ Timing: every function is compiled first; then the two implementations run alter
 ``--repeats`` samples each (after ``--warmup`` untimed runs), and the medians are compared, so a
 busy machine slows both alike. A sample repeats a call back to back until it lasts about
 ``--min-sample-s`` (0.25 s; the count is ``calls_per_sample``), so a forward of a few ms is
-timed over tens of calls rather than one. ``ratio = ours tokens/s / official tokens/s`` (> 1: ours is
-faster). Memory: ``peak_bytes`` = argument + output + temp bytes from the compiled executable's
-``memory_analysis()`` (what XLA plans to allocate; the same measure for both).
+timed over tens of calls rather than one. ``ratio = ours tokens/s / official tokens/s``
+(> 1: ours is faster). Memory: ``peak_bytes`` = argument + output + temp bytes from the
+compiled executable's ``memory_analysis()`` (what XLA plans to allocate; the same measure for
+both).
 
 Floor: every row also times, in the same alternation, the products that both implementations
 must run whatever their TTT inner loop costs: for a layer its four ``d x d`` projections (Q, K,

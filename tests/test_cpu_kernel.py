@@ -114,7 +114,8 @@ def test_a_bad_switch_or_a_failed_build_is_reported(monkeypatch, tmp_path):
     assert not cpu_kernel.use_kernel(state)
     monkeypatch.setenv("TTT_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(cpu_kernel.KernelUnavailable, match="compiling ttt_cpu.cc, xent_cpu.cc failed"):
+    with pytest.raises(cpu_kernel.KernelUnavailable,
+                       match="compiling ttt_cpu.cc, xent_cpu.cc failed"):
         cpu_kernel.build()
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(cpu_kernel.KernelUnavailable, match="no C\\+\\+ compiler"):
