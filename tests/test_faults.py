@@ -268,7 +268,6 @@ def test_an_unreadable_step_is_one_error_line(trained, tmp_path):
                       tmp_path)
 
 
-
 def test_unretrieved_failures_of_other_reads_are_not_logged(caplog):
     """When one read of a restore fails, the reads still in flight fail too and asyncio logs
     each as "Future exception was never retrieved" when it is collected; ``quiet_orbax`` drops
