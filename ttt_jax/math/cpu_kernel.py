@@ -15,8 +15,9 @@ for the machine's own instruction set, into ``$TTT_JAX_KERNEL_CACHE`` (default
 the CPU. ``TTT_JAX_CPU_KERNEL``: ``0`` never uses it; ``1`` requires it (an error when it
 cannot be built); unset, it is used when it builds, with a warning once when it does not.
 It serves one or two inner layers of float32 weights on a single CPU device; everything else
-runs the XLA scan. ``TTT_JAX_CPU_THREADS`` sets its threads (default: the CPUs this process
-may run on, fewer for small problems: ``threads``).
+runs the XLA scan. A call shares its work with XLA's own intra-op threads (``csrc/parallel.h``:
+the FFI's thread pool, no threads of its own); ``TTT_JAX_CPU_THREADS`` sets how many take part
+(default: the CPUs this process may run on, fewer for small problems: ``threads``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SOURCE = Path(__file__).parent / "csrc" / "ttt_cpu.cc"
 # Compiled into the same library: the LM head's softmax pass (``cross_entropy.py``); both
 # include ``simd.h``.
 SOURCES = (SOURCE, SOURCE.with_name("xent_cpu.cc"))
-_HEADERS = (SOURCE.with_name("simd.h"),)
+_HEADERS = (SOURCE.with_name("simd.h"), SOURCE.with_name("parallel.h"))
 # Per number of inner layers: the FFI targets of the forward and the derivative, and the
 # library's symbol of each.
 _TARGETS = {1: ("ttt_jax_linear_forward", "ttt_jax_linear_backward"),

@@ -74,19 +74,19 @@ def _chunk_loss(logits, targets, mask):
     return jnp.sum(mask * (lse - picked)), lse
 
 
-def _softmax_xent_native(logits, targets, mask):
+def _softmax_xent_native(logits, targets, mask, threads: int):
     """``(dlogits, losses)`` of one chunk in the native library (``csrc/xent_cpu.cc``):
-    ``mask * (softmax - onehot)`` in place of the logits, and ``mask * (lse - picked)``."""
-    rows, vocab = logits.shape
+    ``mask * (softmax - onehot)`` in place of the logits, and ``mask * (lse - picked)``; the
+    rows shared by up to ``threads`` of XLA's threads."""
+    rows = logits.shape[0]
     out = (jax.ShapeDtypeStruct(logits.shape, jnp.float32),
            jax.ShapeDtypeStruct((rows,), jnp.float32))
     call = jax.ffi.ffi_call("ttt_jax_softmax_xent", out, vmap_method="sequential",
                             input_output_aliases={0: 0})
-    threads = cpu_kernel.threads(rows * vocab, _MIN_SOFTMAX_PER_THREAD)
     return call(logits, targets.astype(jnp.int32), mask, threads=np.int64(threads))
 
 
-def _plain(h, w, targets, mask, chunk, vocab_axis, native):
+def _plain(h, w, targets, mask, chunk, vocab_axis, native_threads):
     hs, ts, ms = _chunks(h.astype(jnp.float32), targets, mask, chunk)
     w = w.astype(jnp.float32)
 
@@ -99,7 +99,7 @@ def _plain(h, w, targets, mask, chunk, vocab_axis, native):
     return total
 
 
-def _fwd(h, w, targets, mask, chunk, vocab_axis, native):
+def _fwd(h, w, targets, mask, chunk, vocab_axis, native_threads):
     h_dtype, w_dtype = h.dtype, w.dtype
     hs, ts, ms = _chunks(h.astype(jnp.float32), targets, mask, chunk)
     w = w.astype(jnp.float32)
@@ -108,8 +108,8 @@ def _fwd(h, w, targets, mask, chunk, vocab_axis, native):
         total, dw = carry
         hc, tc, mc = xs
         logits = _logits(hc, w, vocab_axis)
-        if native:
-            dlogits, losses = _softmax_xent_native(logits, tc, mc)
+        if native_threads:
+            dlogits, losses = _softmax_xent_native(logits, tc, mc, native_threads)
             loss = jnp.sum(losses)
         else:
             loss, lse = _chunk_loss(logits, tc, mc)
@@ -127,8 +127,8 @@ def _fwd(h, w, targets, mask, chunk, vocab_axis, native):
     return total, (dh.astype(h_dtype), dw.astype(w_dtype), targets, mask)
 
 
-def _bwd(chunk, vocab_axis, native, res, g):
-    del chunk, vocab_axis, native
+def _bwd(chunk, vocab_axis, native_threads, res, g):
+    del chunk, vocab_axis, native_threads
     dh, dw, targets, mask = res
     d_targets = np.zeros(targets.shape, jax.dtypes.float0)
     return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), d_targets, jnp.zeros_like(mask)
@@ -162,14 +162,21 @@ def fused_cross_entropy(h: Float[Array, "N d"], w: Float[Array, "..."],
                          f"(vocab_axis={vocab_axis}) do not share the model dim")
     if chunk <= 0:
         raise ValueError(f"chunk: expected a positive number of tokens, got {chunk}")
+    # Decided here, outside the jit, so that each setting gets its own trace: the native
+    # softmax pass and its threads for one chunk, or 0 for XLA's ops.
+    native_threads = 0
+    if cpu_kernel.available():
+        rows = min(chunk, h.shape[0])
+        native_threads = cpu_kernel.threads(rows * w.shape[vocab_axis], _MIN_SOFTMAX_PER_THREAD)
     return _fused_cross_entropy(h, w, targets, mask, chunk=chunk, vocab_axis=vocab_axis,
-                                native=cpu_kernel.available())
+                                native_threads=native_threads)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "vocab_axis", "native"))
-def _fused_cross_entropy(h, w, targets, mask, *, chunk: int, vocab_axis: int, native: bool):
+@functools.partial(jax.jit, static_argnames=("chunk", "vocab_axis", "native_threads"))
+def _fused_cross_entropy(h, w, targets, mask, *, chunk: int, vocab_axis: int,
+                         native_threads: int):
     weights = (jnp.ones(targets.shape, jnp.float32) if mask is None
                else mask.astype(jnp.float32))
     chunk = min(chunk, h.shape[0])
-    total = _fused(h, w, targets.astype(jnp.int32), weights, chunk, vocab_axis, native)
+    total = _fused(h, w, targets.astype(jnp.int32), weights, chunk, vocab_axis, native_threads)
     return total, jnp.sum(weights)

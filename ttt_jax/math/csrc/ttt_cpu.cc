@@ -15,9 +15,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -322,18 +322,21 @@ inline float* chain_block(ffi::ResultBuffer<ffi::F32>& out, const ffi::Buffer<ff
   return dst;
 }
 
-// Runs the chains on up to `threads` threads: `body(first, stride)` runs chains first,
-// first + stride, ... (its scratch allocated once per thread, not per chain).
+// Runs the chains on up to `threads` takers on XLA's intra-op threads (parallel.h). Each
+// taker runs `body(next_chain)` once (so its scratch is allocated once, not per chain), and the
+// body runs chains `next_chain()` until that returns `chains` or more: a taker that starts
+// late or runs slower takes fewer chains.
 template <typename F>
-void parallel_chains(int64_t chains, int64_t threads, F body) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, chains));
-  if (threads == 1) return body(0, 1);
-  std::vector<std::thread> pool;
-  for (int64_t w = 0; w < threads; ++w) pool.emplace_back([&, w] { body(w, threads); });
-  for (auto& th : pool) th.join();
+void parallel_chains(ffi::ThreadPool& pool, int64_t chains, int64_t threads, F body) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, chains));
+  std::atomic<int64_t> next{0};
+  parallel_parts(pool, parts, [&](int64_t) {
+    body([&next] { return next.fetch_add(1, std::memory_order_relaxed); });
+  });
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
+ffi::Error Forward(ffi::ThreadPool pool,
+                   ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
                    ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
                    ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
                    ffi::Buffer<ffi::F32> tok, ffi::Buffer<ffi::F32> lnw,
@@ -347,10 +350,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
   if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
   const int64_t b = d.b, f = d.f;
   const float* tk = tok.typed_data();
-  parallel_chains(d.B * d.H, threads, [&](int64_t first, int64_t stride) {
+  parallel_chains(pool, d.B * d.H, threads, [&](auto next_chain) {
     Work w(b, f);
     std::vector<float> lr_row(b), M(b * b), KT(f * b);
-    for (int64_t c = first; c < d.B * d.H; c += stride) {
+    for (int64_t c = next_chain(); c < d.B * d.H; c = next_chain()) {
       const int64_t bi = c / d.H, h = c % d.H;
       float* W = chain_block(w_out, &w0, c, f * f);
       float* bias = chain_block(b_out, &b0, c, f);
@@ -452,7 +455,8 @@ inline void queries_bwd(const float* dz, const float* G, const float* S, const f
   col_sums(dz, b, n_out, dbias);
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_starts,
+ffi::Error Backward(ffi::ThreadPool pool,
+                    ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_starts,
                     ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
                     ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
                     ffi::Buffer<ffi::F32> tok, ffi::Buffer<ffi::F32> lnw,
@@ -473,7 +477,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     return ffi::Error::InvalidArgument("W at group starts must be [ceil(n / group), B, H, f, f]");
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
+  parallel_chains(pool, chains, threads, [&](auto next_chain) {
     const int64_t bf = b * f, ff = f * f;
     std::vector<float> GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
     std::vector<float> S(b * b), DM(b * b), DS(b * b), NM(b * b);
@@ -484,7 +488,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
     std::vector<float> Ks(group * bf), KTs(group * bf), Qs(group * bf), Ts(group * bf);
     std::vector<float> lrs(group * b), WTs(group * ff), Gs(group * bf), XHs(group * bf);
     std::vector<float> Gxs(group * bf), Rs(group * b), Cs(group * b);
-    for (int64_t c = first; c < chains; c += stride) {
+    for (int64_t c = next_chain(); c < chains; c = next_chain()) {
       const int64_t bi = c / d.H, h = c % d.H;
       float* dW = chain_block(dw0, &dw_end, c, ff);  // carried cotangent of the state
       float* dbias = chain_block(db0, &db_end, c, f);
@@ -567,7 +571,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w_starts, ffi::Buffer<ffi::F32> b_star
 
 // TTT-MLP's forward (f -> h -> f, gelu_tanh between): the math of ttt_step.dual_delta for two
 // layers. Outputs as Forward's, for both layers; the group starts of each leaf.
-ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
+ffi::Error MlpForward(ffi::ThreadPool pool,
+                      ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
                       ffi::Buffer<ffi::F32> w2_0, ffi::Buffer<ffi::F32> b2_0,
                       ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
                       ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
@@ -588,12 +593,12 @@ ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
   const int64_t b = d.b, f = d.f, h = wd[3], fh = f * h, chains = d.B * d.H;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
+  parallel_chains(pool, chains, threads, [&](auto next_chain) {
     std::vector<float> K(b * f), Q(b * f), T(b * f), lr_row(b), KT(f * b);
     std::vector<float> Z1(b * h), A(b * h), GP(b * h), AT(h * b), Z2(b * f), G2(b * f);
     std::vector<float> G1(b * h), Zq1(b * h), X2(b * h), Zq2(b * f), M(b * b);
     std::vector<float> EG1(b * h), EG2(b * f), EG2T(f * b), W2T(fh), XH(f), Gx(f);
-    for (int64_t c = first; c < chains; c += stride) {
+    for (int64_t c = next_chain(); c < chains; c = next_chain()) {
       const int64_t bi = c / d.H, hd = c % d.H;
       float* W1 = chain_block(w1_out, &w1_0, c, fh);
       float* B1 = chain_block(b1_out, &b1_0, c, h);
@@ -668,7 +673,8 @@ ffi::Error MlpForward(ffi::Buffer<ffi::F32> w1_0, ffi::Buffer<ffi::F32> b1_0,
 
 // TTT-MLP's derivative: the math of ttt_step._dual_step_bwd_parts for two layers, each group
 // recomputed forward from its kept start as Backward does.
-ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1_starts,
+ffi::Error MlpBackward(ffi::ThreadPool pool,
+                       ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1_starts,
                        ffi::Buffer<ffi::F32> w2_starts, ffi::Buffer<ffi::F32> b2_starts,
                        ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
                        ffi::Buffer<ffi::F32> xv, ffi::Buffer<ffi::F32> lr,
@@ -693,7 +699,7 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
   const int64_t b = d.b, f = d.f, h = wd[4], fh = f * h, bf = b * f, bh = b * h, bb = b * b;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(chains, threads, [&](int64_t first, int64_t stride) {
+  parallel_chains(pool, chains, threads, [&](auto next_chain) {
     // Running state of the recomputation.
     std::vector<float> W1(fh), B1(h), W2(fh), B2(f), W2T(fh);
     // Per mini-batch of the group (see the recomputation below for what each holds).
@@ -708,7 +714,7 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
     std::vector<float> adw1(bh), adw2(bf), dG1(bh), dG2(bf), das0(bf), das1(bh), dW1T(fh);
     std::vector<float> dW2T(fh), dz2(bf), GT(bh), DM(bb), DS(bb), NM(bb), dxbar(bh);
     std::vector<float> dz1(bh), dq(bf), dback(bh), dZ1(bh), dZ2(bf), dT(bf), u(f), dxh(f);
-    for (int64_t c = first; c < chains; c += stride) {
+    for (int64_t c = next_chain(); c < chains; c = next_chain()) {
       const int64_t bi = c / d.H, hd = c % d.H;
       float* dW1 = chain_block(dw1_0, &dw1_end, c, fh);
       float* dB1 = chain_block(db1_0, &db1_end, c, h);
@@ -862,6 +868,7 @@ ffi::Error MlpBackward(ffi::Buffer<ffi::F32> w1_starts, ffi::Buffer<ffi::F32> b1
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearForward, Forward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W  [B, H, f, f]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [B, H, 1, f]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xq [B, n, b, H, f]
@@ -881,6 +888,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearForward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearBackward, Backward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W at group starts
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias at group starts
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xq
@@ -907,6 +915,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TttLinearBackward, Backward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttMlpForward, MlpForward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W1 [B, H, f, h]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b1 [B, H, 1, h]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W2 [B, H, h, f]
@@ -932,6 +941,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TttMlpForward, MlpForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttMlpBackward, MlpBackward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W1 at group starts
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b1
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W2

@@ -13,12 +13,13 @@
 // split over the threads. Targets outside [0, V) give a NaN loss and no one-hot term.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -79,7 +80,8 @@ float row(float* x, int64_t n, int32_t target, float weight) {
   return weight * (lse - picked);
 }
 
-ffi::Error SoftmaxXent(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
+ffi::Error SoftmaxXent(ffi::ThreadPool pool,
+                       ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
                        ffi::Buffer<ffi::F32> weights, int64_t threads,
                        ffi::ResultBuffer<ffi::F32> dlogits, ffi::ResultBuffer<ffi::F32> losses) {
   const auto dims = logits.dimensions();
@@ -90,14 +92,14 @@ ffi::Error SoftmaxXent(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targe
   const int32_t* y = targets.typed_data();
   const float* w = weights.typed_data();
   float* loss = losses->typed_data();
-  auto part = [&](int64_t first, int64_t stride) {
-    for (int64_t r = first; r < rows; r += stride) loss[r] = row(out + r * n, n, y[r], w[r]);
+  // Each taker claims the next row until none is left: one that starts late takes fewer.
+  std::atomic<int64_t> next{0};
+  auto take = [&](int64_t) {
+    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < rows;)
+      loss[r] = row(out + r * n, n, y[r], w[r]);
   };
-  threads = std::max<int64_t>(1, std::min(threads, rows));
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(part, t, threads);
-  part(0, threads);
-  for (auto& th : pool) th.join();
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, rows));
+  parallel_parts(pool, parts, take);
   return ffi::Error::Success();
 }
 
@@ -105,6 +107,7 @@ ffi::Error SoftmaxXent(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TttSoftmaxXent, SoftmaxXent,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // logits [rows, V]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // targets [rows]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights [rows]
