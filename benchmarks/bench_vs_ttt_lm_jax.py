@@ -16,7 +16,9 @@ sequence 2048, tied embeddings, no pre-conv: the official ``CausalLM`` (``ttt/mo
 inner groups of 4) with the cross-entropy of its logits, against ``ttt_jax.models.TTTLM`` with
 its defaults and its own training loss (``ttt_jax.training``: the LM head inside the
 cross-entropy, ``ModelConfig.loss_chunk`` tokens at a time), the same params (mapped, logits
-and loss checked).
+and loss checked). ``--donate`` donates the params and optimizer state to the step, as both
+trainers do; the step then runs on the state it returned, and the loss check is of the first
+step.
 
 Timing: every function is compiled first; then the two implementations run alternately,
 ``--repeats`` samples each (after ``--warmup`` untimed runs), and the medians are compared, so a
@@ -56,6 +58,7 @@ Usage (from the repository root)::
   python benchmarks/bench_vs_ttt_lm_jax.py --ttt-lm-jax /path/to/ttt-lm-jax
   python benchmarks/bench_vs_ttt_lm_jax.py --ttt-lm-jax DIR --only linear --lengths 2048 --repeats 5
   python benchmarks/bench_vs_ttt_lm_jax.py --ttt-lm-jax DIR --no-layers      # model step only
+  python benchmarks/bench_vs_ttt_lm_jax.py --ttt-lm-jax DIR --no-layers --donate
 """
 
 from __future__ import annotations
@@ -272,34 +275,44 @@ def _model_map(ours: dict, num_layers: int) -> dict[str, jax.Array]:
 
 # --- Timing ------------------------------------------------------------------------------------
 
-def compile_fn(fn: Callable, args: tuple):
+def compile_fn(fn: Callable, args: tuple, donate: tuple[int, ...] = ()):
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
 def time_pair(fns: dict[str, Any], args: dict[str, tuple], repeats: int, warmup: int,
-              min_sample_s: float = 0.0):
+              min_sample_s: float = 0.0, feed: Optional[Callable[[tuple, Any], tuple]] = None):
     """Runs the compiled functions alternately; returns per-impl times (seconds per call) and
     last outputs. A sample of a function runs it back to back (each call waited for) as many
     times as the warm-up says it takes to fill ``min_sample_s``, so that a call of a few ms is
     not one scheduler tick away from a different figure; the count per sample is returned too.
+    With ``feed``, each call's arguments are ``feed(previous arguments, previous output)`` (a
+    training step whose state is donated runs on the state it returned).
     """
+    args = dict(args)
     outs, last = {}, {}
+
+    def call(name):
+        out = jax.block_until_ready(fns[name](*args[name]))
+        if feed is not None:
+            args[name] = feed(args[name], out)
+        return out
+
     for _ in range(warmup):
-        for name, fn in fns.items():
-            outs[name] = jax.block_until_ready(fn(*args[name]))
-    for name, fn in fns.items():  # one more call each, timed, to size the samples
+        for name in fns:
+            outs[name] = call(name)
+    for name in fns:  # one more call each, timed, to size the samples
         t0 = time.perf_counter()
-        outs[name] = jax.block_until_ready(fn(*args[name]))
+        outs[name] = call(name)
         last[name] = time.perf_counter() - t0
     calls = {name: max(1, math.ceil(min_sample_s / max(last[name], 1e-6))) for name in fns}
     times = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in fns:
             t0 = time.perf_counter()
             for _ in range(calls[name]):
-                outs[name] = jax.block_until_ready(fn(*args[name]))
+                outs[name] = call(name)
             times[name].append((time.perf_counter() - t0) / calls[name])
     return times, outs, calls
 
@@ -411,6 +424,11 @@ def floor_lm(p: dict, tokens, num_layers: int):
     return _rms(h, p["norm"]["weight"])
 
 
+def _next_state(step_args: tuple, out: tuple) -> tuple:
+    """The next step's arguments: the params and optimizer state the step returned."""
+    return out[0], out[1], step_args[2]
+
+
 def bench_model(model_mod, layer_type: str, args) -> None:
     length, vocab, layers = args.model_len, args.vocab, args.model_layers
     ttt = our_ttt_config(args, layer_type, TTTConfig.scan_checkpoint_group)  # our default
@@ -467,21 +485,27 @@ def bench_model(model_mod, layer_type: str, args) -> None:
     del check
     fns = {"ours": make_step(loss_ours), "official": make_step(loss_theirs),
            "floor": make_step(loss_floor)}
-    call_args = {"ours": (p_ours, opt.init(p_ours), tokens),
-                 "official": (p_theirs, opt.init(p_theirs), tokens),
-                 "floor": (p_ours, opt.init(p_ours), tokens)}
+    params = {"ours": p_ours, "official": p_theirs, "floor": p_ours}
+    # each gets its own copy: a donated state is consumed by the step
+    fresh = {name: lambda p=p: (jax.tree.map(jnp.copy, p), opt.init(p), tokens)
+             for name, p in params.items()}
+    donate = (0, 1) if args.donate else ()
     compiled, compile_s = {}, {}
     for name in fns:
-        compiled[name], compile_s[name] = compile_fn(fns[name], call_args[name])
+        compiled[name], compile_s[name] = compile_fn(fns[name], fresh[name](), donate)
+    # the first step of each from the same params: the losses must agree
+    first = {name: compiled[name](*fresh[name]())[2] for name in ("ours", "official")}
+    diff = max(diff, abs(float(first["ours"]) - float(first["official"])))
+    call_args = {name: fresh[name]() for name in fns}
     times, outs, calls = time_pair(compiled, call_args, args.model_repeats, args.warmup,
-                                   args.min_sample_s)
-    diff = max(diff, abs(float(outs["ours"][2]) - float(outs["official"][2])))
+                                   args.min_sample_s,
+                                   feed=_next_state if args.donate else None)
     rec = _record("result", args.batch * length, times, compiled, compile_s,
                   what="train_step", ttt_layer_type=layer_type, mode="train_step", L=length,
                   B=args.batch, d=args.dim, H=args.heads, b=args.mini_batch, layers=layers,
                   vocab=vocab, intermediate=args.intermediate, ours_group=ttt.scan_checkpoint_group,
                   official_group=args.official_group, ours_loss_chunk=ours.config.loss_chunk,
-                  max_abs_diff=diff, calls_per_sample=calls)
+                  max_abs_diff=diff, calls_per_sample=calls, donated=args.donate)
     emit(rec, args.out)
     if diff > args.atol:
         raise SystemExit(f"logits disagree: max abs diff {diff:.3g} > --atol {args.atol}")
@@ -513,6 +537,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-len", type=int, default=2048)
     p.add_argument("--model-layers", type=int, default=2)
     p.add_argument("--model-repeats", type=int, default=5)
+    p.add_argument("--donate", action="store_true",
+                   help="donate the training step's params and optimizer state to it, as both "
+                        "trainers do (each step then runs on the state the previous one "
+                        "returned)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--atol", type=float, default=1e-3,
