@@ -3,6 +3,7 @@
 #ifndef TTT_JAX_CSRC_PARALLEL_H_
 #define TTT_JAX_CSRC_PARALLEL_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -37,6 +38,18 @@ void parallel_parts(xla::ffi::ThreadPool& pool, int64_t parts, F&& body) {
   for (int64_t w = 1; w < parts; ++w) pool.Schedule(decltype(take)(take));  // a copy each
   take();
   while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+// Items 0 .. items - 1 shared by up to `takers` of those threads: each taker runs
+// `body(next_item)` once (so per-taker scratch is allocated once, not per item), and the body
+// takes items `next_item()` until that returns `items` or more. A taker that starts late or
+// runs slower takes fewer; every item is taken exactly once.
+template <typename F>
+void parallel_claims(xla::ffi::ThreadPool& pool, int64_t takers, int64_t items, F&& body) {
+  std::atomic<int64_t> next{0};
+  parallel_parts(pool, std::max<int64_t>(1, std::min(takers, items)), [&](int64_t) {
+    body([&next] { return next.fetch_add(1, std::memory_order_relaxed); });
+  });
 }
 
 #endif  // TTT_JAX_CSRC_PARALLEL_H_

@@ -322,19 +322,6 @@ inline float* chain_block(ffi::ResultBuffer<ffi::F32>& out, const ffi::Buffer<ff
   return dst;
 }
 
-// Runs the chains on up to `threads` takers on XLA's intra-op threads (parallel.h). Each
-// taker runs `body(next_chain)` once (so its scratch is allocated once, not per chain), and the
-// body runs chains `next_chain()` until that returns `chains` or more: a taker that starts
-// late or runs slower takes fewer chains.
-template <typename F>
-void parallel_chains(ffi::ThreadPool& pool, int64_t chains, int64_t threads, F body) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, chains));
-  std::atomic<int64_t> next{0};
-  parallel_parts(pool, parts, [&](int64_t) {
-    body([&next] { return next.fetch_add(1, std::memory_order_relaxed); });
-  });
-}
-
 ffi::Error Forward(ffi::ThreadPool pool,
                    ffi::Buffer<ffi::F32> w0, ffi::Buffer<ffi::F32> b0,
                    ffi::Buffer<ffi::F32> xq, ffi::Buffer<ffi::F32> xk,
@@ -350,7 +337,7 @@ ffi::Error Forward(ffi::ThreadPool pool,
   if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
   const int64_t b = d.b, f = d.f;
   const float* tk = tok.typed_data();
-  parallel_chains(pool, d.B * d.H, threads, [&](auto next_chain) {
+  parallel_claims(pool, threads, d.B * d.H, [&](auto next_chain) {
     Work w(b, f);
     std::vector<float> lr_row(b), M(b * b), KT(f * b);
     for (int64_t c = next_chain(); c < d.B * d.H; c = next_chain()) {
@@ -477,7 +464,7 @@ ffi::Error Backward(ffi::ThreadPool pool,
     return ffi::Error::InvalidArgument("W at group starts must be [ceil(n / group), B, H, f, f]");
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(pool, chains, threads, [&](auto next_chain) {
+  parallel_claims(pool, threads, chains, [&](auto next_chain) {
     const int64_t bf = b * f, ff = f * f;
     std::vector<float> GT(f * b), dWnT(ff), W(ff), bias(f), EGu(bf), Z(bf);
     std::vector<float> S(b * b), DM(b * b), DS(b * b), NM(b * b);
@@ -593,7 +580,7 @@ ffi::Error MlpForward(ffi::ThreadPool pool,
   const int64_t b = d.b, f = d.f, h = wd[3], fh = f * h, chains = d.B * d.H;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(pool, chains, threads, [&](auto next_chain) {
+  parallel_claims(pool, threads, chains, [&](auto next_chain) {
     std::vector<float> K(b * f), Q(b * f), T(b * f), lr_row(b), KT(f * b);
     std::vector<float> Z1(b * h), A(b * h), GP(b * h), AT(h * b), Z2(b * f), G2(b * f);
     std::vector<float> G1(b * h), Zq1(b * h), X2(b * h), Zq2(b * f), M(b * b);
@@ -699,7 +686,7 @@ ffi::Error MlpBackward(ffi::ThreadPool pool,
   const int64_t b = d.b, f = d.f, h = wd[4], fh = f * h, bf = b * f, bh = b * h, bb = b * b;
   const float* tk = tok.typed_data();
   const float tok_last = tk[b - 1];
-  parallel_chains(pool, chains, threads, [&](auto next_chain) {
+  parallel_claims(pool, threads, chains, [&](auto next_chain) {
     // Running state of the recomputation.
     std::vector<float> W1(fh), B1(h), W2(fh), B2(f), W2T(fh);
     // Per mini-batch of the group (see the recomputation below for what each holds).

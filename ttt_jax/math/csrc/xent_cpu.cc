@@ -13,7 +13,6 @@
 // split over the threads. Targets outside [0, V) give a NaN loss and no one-hot term.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -92,14 +91,10 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool,
   const int32_t* y = targets.typed_data();
   const float* w = weights.typed_data();
   float* loss = losses->typed_data();
-  // Each taker claims the next row until none is left: one that starts late takes fewer.
-  std::atomic<int64_t> next{0};
-  auto take = [&](int64_t) {
-    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < rows;)
+  parallel_claims(pool, threads, rows, [&](auto next_row) {
+    for (int64_t r = next_row(); r < rows; r = next_row())
       loss[r] = row(out + r * n, n, y[r], w[r]);
-  };
-  const int64_t parts = std::max<int64_t>(1, std::min(threads, rows));
-  parallel_parts(pool, parts, take);
+  });
   return ffi::Error::Success();
 }
 
